@@ -1,0 +1,170 @@
+"""Command line: serve (default) | once | demo | login EMAIL | password EMAIL | sandbox.
+
+Exit codes: 0 done, 1 the run could not be made (Mana unreachable, login refused),
+2 bad configuration or usage. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from runner import log
+from runner.mana.errors import ManaError
+from runner.persona import DEV_SEED_SECRET, derive_password
+from runner.settings import Settings, SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner", description="Mana persona runner")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run as a daemon (default)")
+    sub.add_parser("once", help="one poll: tick every due persona, deliver, exit")
+    sub.add_parser("demo", help="start the local sandbox and run one round for every persona")
+    login = sub.add_parser("login", help="prove login and personal-space resolution for EMAIL")
+    login.add_argument("email")
+    password = sub.add_parser("password", help="print the derived password for EMAIL")
+    password.add_argument("email")
+    sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    command = args.command or "serve"
+    if command == "sandbox":
+        from runner.sandbox.__main__ import main as sandbox_main
+
+        return sandbox_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    try:
+        if command == "demo":
+            return _run(_demo())
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.configure(settings.log_format, settings.log_level)
+    for secret in settings.secrets():
+        log.register_secret(secret)
+    if command == "password":
+        print(derive_password(settings.persona_seed_secret.get_secret_value(), args.email))
+        return 0
+    if command == "login":
+        return _run(_login(settings, args.email))
+    if command == "once":
+        return _run(_once(settings))
+    return _run(_serve(settings))
+
+
+def _run(coro: Any) -> int:
+    try:
+        return int(asyncio.run(coro))
+    except KeyboardInterrupt:
+        return 130
+    except (ManaError, _Fatal) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+class _Fatal(Exception):
+    """A run that cannot go on, reported as one line."""
+
+
+async def _serve(settings: Settings) -> int:
+    from runner.scheduler import open_runtime, serve
+
+    try:
+        async with open_runtime(settings) as runtime:
+            await serve(runtime)
+    except OSError as exc:
+        raise _Fatal(f"cannot start: {exc.strerror or exc}") from None
+    return 0
+
+
+async def _once(settings: Settings) -> int:
+    from runner.scheduler import PollError, open_runtime, run_once
+
+    async with open_runtime(settings) as runtime:
+        try:
+            report = await run_once(runtime)
+        except PollError as exc:
+            raise _Fatal(f"cannot poll the personas API: {exc}") from None
+    if report.backlog:
+        log.get_logger().warning("rows not yet accepted stay in the journal", batches=report.backlog)
+    return 0
+
+
+async def _login(settings: Settings, email: str) -> int:
+    import httpx
+
+    from runner.mana.auth import AuthClient
+    from runner.mana.errors import RetryPolicy
+
+    password = derive_password(settings.persona_seed_secret.get_secret_value(), email)
+    log.register_secret(password)
+    async with httpx.AsyncClient(timeout=30) as http:
+        auth = AuthClient(http, settings.mana_auth_url, RetryPolicy(attempts=settings.mana_retry_attempts))
+        login = await auth.login(email, password)
+        space = await auth.personal_space(login.access_token)
+    print(f"ok: {email} is user {login.user_id}, personal space {space}")
+    return 0
+
+
+async def _demo() -> int:
+    """The README's first command: a sandbox on loopback, one round for every persona, a table."""
+    from runner.sandbox import Sandbox, SandboxConfig
+    from runner.scheduler import open_runtime, run_once
+
+    use_claude = bool(os.environ.get("ANTHROPIC_API_KEY"))
+    with tempfile.TemporaryDirectory(prefix="persona-demo-") as tmp:
+        config = SandboxConfig(db_path=str(Path(tmp) / "sandbox.db"))
+        async with Sandbox(config) as sandbox:
+            settings = load_settings(
+                mana_api_url=sandbox.api_url,
+                mana_auth_url=sandbox.auth_url,
+                mana_mcp_url=sandbox.mcp_url,
+                mana_service_key=config.service_key,
+                persona_seed_secret=DEV_SEED_SECRET,
+                llm_provider="anthropic" if use_claude else "scripted",
+                runner_env="development",
+                node_env=None,
+                runner_state_path=Path(tmp) / "runner.db",
+                log_format="console",
+                mana_retry_base_s=0.2,
+            )
+            log.configure(settings.log_format, settings.log_level)
+            for secret in settings.secrets():
+                log.register_secret(secret)
+            print(f"sandbox up: auth {sandbox.auth_url}, api {sandbox.api_url}, mcp {sandbox.mcp_url}", file=sys.stderr)
+            print(f"provider: {'Claude (' + settings.anthropic_model + ')' if use_claude else 'scripted (offline)'}", file=sys.stderr)
+            async with open_runtime(settings) as runtime:
+                report = await run_once(runtime)
+                summaries = await runtime.journal.summaries([t for _, t in report.ticks])
+            print(_table([(p.email, summaries.get(t)) for p, t in report.ticks]))
+            if report.backlog:
+                print(f"{report.backlog} batches were not delivered", file=sys.stderr)
+                return 1
+    return 0
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    header = ("persona", "outcome", "tools ok", "tools error", "ratings")
+    lines = [header]
+    for email, summary in rows:
+        if summary is None:
+            lines.append((email, "not run", "", "", ""))
+            continue
+        ratings = ", ".join(f"{m} {r}" for m, r in summary.ratings) or "-"
+        lines.append((email, summary.outcome, str(summary.ok), str(summary.errors), ratings))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines]
+    rendered.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(rendered)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

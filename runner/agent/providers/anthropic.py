@@ -1,0 +1,142 @@
+"""Claude through the official SDK's Messages API.
+
+The SDK already retries 429/5xx/529 with the server's retry-after (`max_retries` on the
+client, set from settings); nothing here loops on errors a second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from anthropic import AsyncAnthropic
+
+from runner.agent.loop import Entry, RatingReply, Results, ToolCall, ToolDef, Turn, Usage
+from runner.agent.prompts import Language, start_message
+from runner.agent.rating import RATING_TOOL, rating_schema
+
+_LEGAL = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_ILLEGAL_CHAR = re.compile(r"[^a-zA-Z0-9_-]")
+_CACHE = {"type": "ephemeral"}
+
+
+def api_names(mcp_names: list[str]) -> dict[str, str]:
+    """MCP name -> a name the API accepts, unique and stable for the same tool list.
+
+    `todo.create` becomes `todo_create`; a name that collides, or is too long, gets a short
+    hash of the original so two tools never share an API name.
+    """
+    mapping: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in sorted(set(mcp_names)):
+        candidate = _ILLEGAL_CHAR.sub("_", name)[:64] or "tool"
+        if candidate in taken or candidate != name and candidate in mcp_names or not _LEGAL.match(candidate):
+            candidate = f"{_ILLEGAL_CHAR.sub('_', name)[:55]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        mapping[name] = candidate
+        taken.add(candidate)
+    return mapping
+
+
+def _usage(usage: Any) -> Usage:
+    return Usage(
+        input_tokens=usage.input_tokens or 0,
+        output_tokens=usage.output_tokens or 0,
+        cache_creation_input_tokens=getattr(usage, "cache_creation_input_tokens", None) or 0,
+        cache_read_input_tokens=getattr(usage, "cache_read_input_tokens", None) or 0,
+    )
+
+
+class AnthropicProvider:
+    def __init__(self, client: AsyncAnthropic, model: str, max_tokens: int, language: Language) -> None:
+        self._client = client
+        self._model = model
+        self._max_tokens = max_tokens
+        self._language = language
+        self._to_api: dict[str, str] = {}
+        self._from_api: dict[str, str] = {}
+
+    async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
+        response = await self._client.messages.create(
+            model=self._model,
+            max_tokens=self._max_tokens,
+            system=[{"type": "text", "text": system, "cache_control": _CACHE}],
+            tools=self._tools(tools),
+            messages=self._messages(transcript),
+        )
+        text = " ".join(b.text for b in response.content if b.type == "text").strip()
+        calls = [
+            ToolCall(id=b.id, name=self._from_api.get(b.name, b.name), input=b.input)
+            for b in response.content
+            if b.type == "tool_use"
+        ]
+        return Turn(text=text, calls=calls, usage=_usage(response.usage))
+
+    async def rate(
+        self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]
+    ) -> RatingReply:
+        messages = self._messages(transcript, cache_last=False)
+        ask = {"type": "text", "text": prompt}
+        if messages[-1]["role"] == "user":
+            messages[-1]["content"].append(ask)  # after the tool_results: roles must alternate
+        else:
+            messages.append({"role": "user", "content": [ask]})
+        rating_tool = {
+            "name": RATING_TOOL,
+            "description": "Submit your ratings of the modules you used today.",
+            "input_schema": rating_schema(modules),
+        }
+        response = await self._client.messages.create(
+            model=self._model,
+            max_tokens=self._max_tokens,
+            system=[{"type": "text", "text": system, "cache_control": _CACHE}],
+            # The history holds tool_use blocks, so the tools stay declared next to the rating tool.
+            tools=[*self._tools(tools), rating_tool],
+            tool_choice={"type": "tool", "name": RATING_TOOL},
+            messages=messages,
+        )
+        for block in response.content:
+            if block.type == "tool_use" and block.name == RATING_TOOL:
+                return RatingReply(payload=block.input, raw=json.dumps(block.input, ensure_ascii=False), usage=_usage(response.usage))
+        raw = " ".join(b.text for b in response.content if b.type == "text")
+        return RatingReply(payload=None, raw=raw, usage=_usage(response.usage))
+
+    def _tools(self, tools: list[ToolDef]) -> list[dict[str, Any]]:
+        if not self._to_api:
+            self._to_api = api_names([t.name for t in tools])
+            self._from_api = {v: k for k, v in self._to_api.items()}
+        specs: list[dict[str, Any]] = [
+            {"name": self._to_api[t.name], "description": t.description[:1024], "input_schema": t.input_schema}
+            for t in tools
+        ]
+        if specs:
+            specs[-1]["cache_control"] = _CACHE
+        return specs
+
+    def _messages(self, transcript: list[Entry], cache_last: bool = True) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": [{"type": "text", "text": start_message(self._language)}]}
+        ]
+        for entry in transcript:
+            if isinstance(entry, Results):
+                messages.append(
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": r.call_id, "content": r.text, "is_error": r.is_error}
+                            for r in entry.results
+                        ],
+                    }
+                )
+                continue
+            content: list[dict[str, Any]] = [{"type": "text", "text": entry.text}] if entry.text else []
+            content += [
+                {"type": "tool_use", "id": c.id, "name": self._to_api.get(c.name, c.name), "input": c.input}
+                for c in entry.calls
+            ]
+            messages.append({"role": "assistant", "content": content or [{"type": "text", "text": "…"}]})
+        if cache_last:
+            # The growing conversation is a cacheable prefix for the next turn.
+            messages[-1]["content"][-1]["cache_control"] = _CACHE
+        return messages

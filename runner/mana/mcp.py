@@ -1,0 +1,158 @@
+"""mana-mcp: one Streamable HTTP session per tick, through the official `mcp` SDK (contract §5)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx2
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.types import CallToolResult, Tool
+
+from runner.mana.errors import ApiError, TransportError
+
+TokenSource = Callable[[], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    name: str  # the MCP name, dots and all
+    description: str
+    input_schema: dict[str, Any]
+    destructive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    ok: bool
+    text: str
+
+
+def is_destructive(tool: Tool) -> bool:
+    """MCP spec defaults: no annotations means readOnly=false, destructive=true."""
+    hints = tool.annotations
+    if hints is None:
+        return True
+    if hints.read_only_hint:
+        return False
+    return hints.destructive_hint is not False
+
+
+def result_text(result: CallToolResult) -> str:
+    parts: list[str] = []
+    for block in result.content:
+        text = getattr(block, "text", None)
+        parts.append(text if isinstance(text, str) else f"[{getattr(block, 'type', 'content')}]")
+    if not parts and result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content, ensure_ascii=False))
+    return "\n".join(parts)
+
+
+class McpGateway:
+    """A persona's MCP session: Bearer JWT + X-Mana-Space on every request.
+
+    The SDK turns an HTTP 401 into a generic error, so a response hook remembers the
+    status; a 401 mid-tick means the JWT expired: fetch a fresh one once and go on.
+    """
+
+    def __init__(self, origin: str, space_id: str, token: str, refresh: TokenSource, call_timeout_s: float) -> None:
+        self._url = origin.rstrip("/") + "/mcp"
+        self._space_id = space_id
+        self._token = token
+        self._refresh = refresh
+        self._call_timeout_s = call_timeout_s
+        self._last_status = 0
+        self._stack = AsyncExitStack()
+        self._client: Client | None = None
+        self._http: httpx2.AsyncClient | None = None
+
+    async def __aenter__(self) -> McpGateway:
+        self._http = create_mcp_http_client(headers=self._headers())
+        self._http.event_hooks["response"].append(self._watch)
+        try:
+            await self._stack.enter_async_context(self._http)
+            # mode="legacy": the gateway speaks the handshake-era protocol; "auto" would cost a probe each session.
+            client = Client(
+                streamable_http_client(self._url, http_client=self._http),
+                mode="legacy",
+                read_timeout_seconds=self._call_timeout_s,
+            )
+            self._client = await self._stack.enter_async_context(client)
+        except BaseException as exc:
+            await self._stack.aclose()
+            if isinstance(exc, Exception):
+                raise self._connect_error(exc) from None
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self._stack.aclose()
+        except Exception:  # noqa: BLE001 - closing a dead session must not mask the tick's own outcome
+            pass
+
+    async def tools(self) -> list[ToolSpec]:
+        assert self._client is not None
+        specs: list[ToolSpec] = []
+        cursor: str | None = None
+        while True:
+            page = await self._client.list_tools(cursor=cursor)
+            specs += [
+                ToolSpec(t.name, t.description or "", dict(t.input_schema), is_destructive(t)) for t in page.tools
+            ]
+            cursor = page.next_cursor
+            if not cursor:
+                return specs
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
+        """Never raises for a tool's own failure: that is an outcome the persona reports."""
+        assert self._client is not None
+        for attempt in (1, 2):
+            self._last_status = 0
+            try:
+                result = await self._client.call_tool(name, arguments)
+                return ToolOutcome(ok=not result.is_error, text=result_text(result))
+            except MCPError as exc:
+                # 401 means the call never ran (expired JWT): safe to send again once, with a fresh one.
+                if self._last_status == 401 and attempt == 1:
+                    await self._use_token(await self._refresh())
+                    continue
+                return ToolOutcome(ok=False, text=_short(exc))
+            except Exception as exc:  # noqa: BLE001 - a broken result is still one error row, not a dead tick
+                return ToolOutcome(ok=False, text=_short(exc))
+        raise AssertionError("unreachable")
+
+    async def _use_token(self, token: str) -> None:
+        self._token = token
+        assert self._http is not None
+        self._http.headers.update(self._headers())
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}", "X-Mana-Space": self._space_id}
+
+    async def _watch(self, response: httpx2.Response) -> None:
+        if response.status_code >= 400:
+            self._last_status = response.status_code
+
+    def _connect_error(self, exc: Exception) -> Exception:
+        status = self._last_status
+        if status in (401, 403):
+            return ApiError(status, "MCP_REFUSED", "session refused", stage="mcp")
+        if status >= 400:
+            return ApiError(status, "MCP_ERROR", "session could not be opened", stage="mcp")
+        return TransportError(f"mcp: could not open session ({_short(exc)})", stage="mcp")
+
+
+def _short(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:300]

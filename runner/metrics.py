@@ -1,0 +1,32 @@
+"""Every Prometheus metric the runner exports, defined once. Labels never carry secrets or emails."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+
+TICKS = Counter("persona_ticks_total", "Ticks by how they ended.", ["outcome"], registry=REGISTRY)
+TOOL_CALLS = Counter("persona_tool_calls_total", "MCP tool calls by tool and result.", ["tool", "result"], registry=REGISTRY)
+ERRORS = Counter("persona_errors_total", "Failures by the stage they happened in.", ["stage"], registry=REGISTRY)
+TICK_DURATION = Histogram(
+    "persona_tick_duration_seconds",
+    "Wall time of one tick, login to seal.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200),
+    registry=REGISTRY,
+)
+TOOL_LATENCY = Histogram(
+    "persona_tool_latency_seconds",
+    "Latency of one MCP tool call as the runner saw it.",
+    ["tool"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+LLM_TOKENS = Counter("persona_llm_tokens_total", "Model tokens by kind.", ["kind"], registry=REGISTRY)
+ROWS_DELIVERED = Counter("persona_rows_delivered_total", "Rows the API accepted, by kind.", ["kind"], registry=REGISTRY)
+BATCHES_DEAD = Counter("persona_batches_dead_total", "Batches the API refused for good (400/404).", ["kind"], registry=REGISTRY)
+POLLS = Counter("persona_polls_total", "GET /due polls by result.", ["result"], registry=REGISTRY)
+OUTBOX_BACKLOG = Gauge("persona_outbox_backlog", "Batches recorded but not yet accepted by the API.", registry=REGISTRY)
+IN_FLIGHT = Gauge("persona_ticks_in_flight", "Ticks running now.", registry=REGISTRY)
+PAUSED = Gauge("persona_runner_paused", "1 while new ticks are paused.", registry=REGISTRY)

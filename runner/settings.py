@@ -1,0 +1,97 @@
+"""Every environment variable the runner reads: its name, default and check, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runner.persona import DEV_SEED_SECRET
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message is one line that names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    mana_api_url: str = "http://localhost:3060"
+    mana_auth_url: str = "http://localhost:3001"
+    mana_mcp_url: str = "http://localhost:3069"
+    mana_service_key: SecretStr = SecretStr("")
+    # Older deployments served the same routes from mana-auth at /api/v1/internal/personas.
+    mana_personas_path: str = "/api/v1/personas/internal"
+    mana_retry_attempts: int = Field(default=5, ge=1, le=20)
+    mana_retry_base_s: float = Field(default=0.5, ge=0)
+
+    anthropic_api_key: SecretStr = SecretStr("")
+    anthropic_base_url: str | None = None
+    anthropic_model: str = "claude-haiku-4-5"
+    anthropic_max_retries: int = Field(default=4, ge=0, le=10)
+    llm_provider: Literal["anthropic", "scripted"] = "anthropic"
+    llm_max_tokens: int = Field(default=1024, ge=64, le=8192)
+    scripted_seed: str = "mana"
+    persona_language: Literal["de", "en"] = "de"
+
+    persona_seed_secret: SecretStr = SecretStr(DEV_SEED_SECRET)
+    tick_interval_ms: int = Field(default=60_000, ge=1_000)
+    persona_concurrency: int = Field(default=2, ge=1, le=256)
+    persona_max_turns: int = Field(default=15, ge=1, le=100)
+    persona_tick_timeout_s: float = Field(default=600, gt=0)
+    persona_max_attempts: int = Field(default=3, ge=1, le=20)
+    persona_retry_base_s: float = Field(default=60, ge=0)
+    drain_timeout_s: float = Field(default=30, ge=0)
+
+    runner_paused: bool = False
+    runner_env: Literal["development", "production"] = "development"
+    node_env: str | None = None
+    port: int = Field(default=3070, ge=0, le=65535)
+    runner_state_path: Path = Path("state/runner.db")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("mana_api_url", "mana_auth_url", "mana_mcp_url", "anthropic_base_url")
+    @classmethod
+    def _http_origin(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        if self.node_env == "production":
+            self.runner_env = "production"
+        if self.production:
+            if self.persona_seed_secret.get_secret_value() == DEV_SEED_SECRET:
+                raise ValueError("PERSONA_SEED_SECRET: the development fallback secret is refused in production")
+            if not self.mana_service_key.get_secret_value():
+                raise ValueError("MANA_SERVICE_KEY: required in production")
+            if self.llm_provider == "anthropic" and not self.anthropic_api_key.get_secret_value():
+                raise ValueError("ANTHROPIC_API_KEY: required in production with LLM_PROVIDER=anthropic")
+        return self
+
+    @property
+    def production(self) -> bool:
+        return self.runner_env == "production"
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line, an error or a metric."""
+        values = [self.mana_service_key, self.anthropic_api_key, self.persona_seed_secret]
+        return [v.get_secret_value() for v in values if v.get_secret_value()]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, turning pydantic's report into one line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not where:
+            raise SettingsError(message) from None
+        # Never echo the offending value: it may be a secret.
+        raise SettingsError(f"{where}: {message}") from None

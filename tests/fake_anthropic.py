@@ -1,0 +1,751 @@
+"""A local stand-in for the Anthropic Messages API, for tests that drive the real SDK.
+
+Why: the runner must be tested without Anthropic's servers, but a mock at the SDK level
+would hide exactly the mistakes that break in production (dotted MCP tool names, a
+tool_use left unanswered, roles out of order, too many cache breakpoints, retries).
+So this serves ``POST /v1/messages`` over real HTTP, point the real ``anthropic`` client
+at it with ``base_url=fake.base_url``, and it refuses bad requests with the same status,
+error type and (close to) the same message the real API uses.
+
+Usage::
+
+    async with FakeAnthropic() as fake:
+        client = anthropic.AsyncAnthropic(api_key="k", base_url=fake.base_url, max_retries=2)
+        fake.fail_next(status=429, count=2, retry_after=0.01)
+        fake.brain = my_brain       # (body) -> blocks | (blocks, stop_reason), may be async
+        fake.requests               # every received JSON body, in order (failed ones too)
+
+Facts checked against anthropic 2.12.0 (see /work/shared/sdk-notes.md):
+- the SDK sends ``Authorization: Bearer <key>`` and ``anthropic-version``;
+- it retries 408/409/429/5xx (529 included); a ``retry-after`` > 0 is slept exactly,
+  but ``retry-after: 0`` is ignored and falls back to exponential backoff with jitter
+  (about 0.5 s, then 1 s), so fast tests should pass e.g. ``retry_after=0.01``;
+- 529 surfaces as ``anthropic.OverloadedError`` (a subclass of ``InternalServerError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import re
+import secrets
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+Block = dict[str, Any]
+BrainReply = list[Block] | tuple[list[Block], str]
+Brain = Callable[[dict[str, Any]], BrainReply | Awaitable[BrainReply]]
+
+TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
+MAX_CACHE_BREAKPOINTS = 4
+
+# Body fields the Messages API accepts (mirrors the body anthropic 2.12.0's
+# messages.create() builds). Anything else is refused, as the real API does.
+ALLOWED_FIELDS = frozenset(
+    {
+        "model", "max_tokens", "messages", "system", "tools", "tool_choice", "cache_control",
+        "container", "diagnostics", "inference_geo", "metadata", "output_config",
+        "service_tier", "speed", "stop_sequences", "stream", "thinking",
+    }
+)
+USER_BLOCKS = frozenset({"text", "image", "document", "search_result", "tool_result"})
+ASSISTANT_BLOCKS = frozenset({"text", "tool_use", "thinking", "redacted_thinking"})
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+GERMAN_LINES = (
+    "Ich habe heute meine Aufgaben sortiert.",
+    "Das hat gut geklappt, ich schaue morgen noch einmal rein.",
+    "Mir ist aufgefallen, dass die Übersicht etwas unübersichtlich ist.",
+    "Alles erledigt, danke!",
+)
+
+
+class InvalidRequest(Exception):
+    """A request the real API would refuse with 400 invalid_request_error."""
+
+
+@dataclass
+class Exchange:
+    """One request as the fake saw it, and what it answered."""
+
+    body: Any  # parsed JSON, or None if the body was not JSON
+    headers: dict[str, str]
+    status: int
+    response: dict[str, Any]
+
+
+@dataclass
+class _Failure:
+    status: int
+    retry_after: float | None
+    error_type: str
+    message: str
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_cache_control(cc: Any, where: str) -> None:
+    if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
+        raise InvalidRequest(f"{where}.cache_control.type: Input should be 'ephemeral'")
+    extra = set(cc) - {"type", "ttl"}
+    if extra:
+        raise InvalidRequest(f"{where}.cache_control.{sorted(extra)[0]}: Extra inputs are not permitted")
+    if "ttl" in cc and cc["ttl"] not in ("5m", "1h"):
+        raise InvalidRequest(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
+
+
+def _cache_controlled(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Yield (location, cache_control) for every block carrying one, in prompt order."""
+    if body.get("cache_control") is not None:
+        yield "cache_control", body["cache_control"]
+    for k, tool in enumerate(body.get("tools") or []):
+        if isinstance(tool, dict) and tool.get("cache_control") is not None:
+            yield f"tools.{k}", tool["cache_control"]
+    if isinstance(body.get("system"), list):
+        for k, blk in enumerate(body["system"]):
+            if isinstance(blk, dict) and blk.get("cache_control") is not None:
+                yield f"system.{k}", blk["cache_control"]
+    for i, msg in enumerate(body.get("messages") or []):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for j, blk in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(blk, dict):
+                continue
+            if blk.get("cache_control") is not None:
+                yield f"messages.{i}.content.{j}", blk["cache_control"]
+            inner = blk.get("content") if blk.get("type") == "tool_result" else None
+            for n, sub in enumerate(inner if isinstance(inner, list) else []):
+                if isinstance(sub, dict) and sub.get("cache_control") is not None:
+                    yield f"messages.{i}.content.{j}.content.{n}", sub["cache_control"]
+
+
+def _check_text_block(blk: Any, where: str) -> None:
+    if not isinstance(blk, dict) or blk.get("type") != "text":
+        raise InvalidRequest(f"{where}.type: Input should be 'text'")
+    if not isinstance(blk.get("text"), str):
+        raise InvalidRequest(f"{where}.text: Field required")
+    if not blk["text"]:
+        raise InvalidRequest(f"{where}: text content blocks must be non-empty")
+
+
+def _blocks(msg: dict[str, Any]) -> list[Block]:
+    content = msg["content"]
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def validate_request(body: Any) -> None:
+    """Raise InvalidRequest with the reason the real API would give, or return None."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body: Input should be a valid dictionary")
+    for key in body:
+        if key not in ALLOWED_FIELDS:
+            raise InvalidRequest(f"{key}: Extra inputs are not permitted")
+    for key in ("model", "max_tokens", "messages"):
+        if key not in body:
+            raise InvalidRequest(f"{key}: Field required")
+    if not isinstance(body["model"], str) or not body["model"]:
+        raise InvalidRequest("model: Input should be a valid non-empty string")
+    if not _is_int(body["max_tokens"]):
+        raise InvalidRequest("max_tokens: Input should be a valid integer")
+    if body["max_tokens"] < 1:
+        raise InvalidRequest("max_tokens: Input should be greater than or equal to 1")
+    if body.get("stream"):
+        # Deliberately unsupported: say so loudly rather than answer in the wrong shape.
+        raise InvalidRequest("stream: the fake Messages API does not implement streaming")
+
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        if not isinstance(system, list):
+            raise InvalidRequest("system: Input should be a valid string or a list of text blocks")
+        for k, blk in enumerate(system):
+            _check_text_block(blk, f"system.{k}")
+
+    tool_names = _validate_tools(body.get("tools"))
+    _validate_tool_choice(body.get("tool_choice"), tool_names)
+    _validate_messages(body["messages"])
+
+    found = 0
+    for where, cc in _cache_controlled(body):
+        _check_cache_control(cc, where)
+        found += 1
+    if found > MAX_CACHE_BREAKPOINTS:
+        raise InvalidRequest(
+            f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. Found {found}."
+        )
+
+
+def _validate_tools(tools: Any) -> list[str]:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools: Input should be a valid list")
+    names: list[str] = []
+    for k, tool in enumerate(tools):
+        where = f"tools.{k}.custom"
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"tools.{k}: Input should be a valid dictionary")
+        if tool.get("type", "custom") != "custom":
+            raise InvalidRequest(f"tools.{k}.type: the fake only supports custom (client) tools")
+        name = tool.get("name")
+        if not isinstance(name, str):
+            raise InvalidRequest(f"{where}.name: Field required")
+        if not TOOL_NAME_RE.match(name):
+            raise InvalidRequest(f"{where}.name: String should match pattern '{TOOL_NAME_RE.pattern}'")
+        schema = tool.get("input_schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequest(f"{where}.input_schema: Field required")
+        if schema.get("type") != "object":
+            raise InvalidRequest(f"{where}.input_schema.type: Input should be 'object'")
+        if "description" in tool and not isinstance(tool["description"], str):
+            raise InvalidRequest(f"{where}.description: Input should be a valid string")
+        names.append(name)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InvalidRequest(f"tools: Tool names must be unique. Duplicated: {', '.join(dupes)}")
+    return names
+
+
+def _validate_tool_choice(choice: Any, tool_names: list[str]) -> None:
+    if choice is None:
+        return
+    if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+        raise InvalidRequest("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
+    if choice["type"] in ("any", "tool") and not tool_names:
+        raise InvalidRequest("tool_choice: tool_choice may only be specified while providing tools.")
+    if choice["type"] == "tool":
+        name = choice.get("name")
+        if not isinstance(name, str):
+            raise InvalidRequest("tool_choice.tool.name: Field required")
+        if name not in tool_names:
+            raise InvalidRequest(f"tool_choice.tool.name: tool '{name}' is not among the provided tools")
+    elif "name" in choice:
+        raise InvalidRequest(f"tool_choice.{choice['type']}.name: Extra inputs are not permitted")
+
+
+def _validate_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages: Input should be a valid list")
+    if not messages:
+        raise InvalidRequest("messages: at least one message is required")
+    seen_ids: set[str] = set()
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise InvalidRequest(f"messages.{i}: Input should be a valid dictionary")
+        role = msg.get("role")
+        if role == "system":
+            # anthropic 2.12 types a "system" role, but its rules are undocumented: refuse
+            # loudly rather than guess; the runner uses the top-level `system` parameter.
+            raise InvalidRequest(f"messages.{i}.role: the fake does not support 'system' messages")
+        if role not in ("user", "assistant"):
+            raise InvalidRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        if i == 0 and role != "user":
+            raise InvalidRequest('messages: first message must use the "user" role')
+        if i > 0 and messages[i - 1].get("role") == role:
+            # The real API now merges consecutive same-role turns; the project wants strict.
+            raise InvalidRequest(
+                f'messages.{i}: roles must alternate between "user" and "assistant", '
+                f'but found multiple "{role}" roles in a row'
+            )
+        content = msg.get("content")
+        is_last_assistant = i == len(messages) - 1 and role == "assistant"
+        if isinstance(content, str):
+            if not content and not is_last_assistant:
+                raise InvalidRequest(
+                    f"messages.{i}: all messages must have non-empty content except for the "
+                    "optional final assistant message"
+                )
+        elif isinstance(content, list):
+            if not content and not is_last_assistant:
+                raise InvalidRequest(
+                    f"messages.{i}: all messages must have non-empty content except for the "
+                    "optional final assistant message"
+                )
+            _validate_blocks(i, role, content, seen_ids)
+        else:
+            raise InvalidRequest(f"messages.{i}.content: Input should be a valid string or list")
+        if is_last_assistant:
+            text = content if isinstance(content, str) else "".join(
+                b.get("text", "") for b in content if b.get("type") == "text"
+            )
+            if text != text.rstrip():
+                raise InvalidRequest("messages: final assistant content cannot end with trailing whitespace")
+
+    # tool_use <-> tool_result pairing, strictly between neighbouring messages.
+    for i, msg in enumerate(messages):
+        blocks = _blocks(msg)
+        if msg["role"] == "assistant":
+            use_ids = [b["id"] for b in blocks if b.get("type") == "tool_use"]
+            nxt = _blocks(messages[i + 1]) if i + 1 < len(messages) else []
+            answered = {b.get("tool_use_id") for b in nxt if b.get("type") == "tool_result"}
+            missing = [u for u in use_ids if u not in answered]
+            if missing:
+                raise InvalidRequest(
+                    f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately "
+                    f"after: {', '.join(missing)}. Each `tool_use` block must have a corresponding "
+                    "`tool_result` block in the next message."
+                )
+            continue
+        prev = _blocks(messages[i - 1]) if i > 0 else []
+        prev_ids = {b.get("id") for b in prev if b.get("type") == "tool_use"}
+        results_done = False
+        answered_here: set[str] = set()
+        for j, blk in enumerate(blocks):
+            if blk.get("type") != "tool_result":
+                results_done = True
+                continue
+            tid: str = blk["tool_use_id"]
+            if results_done:
+                raise InvalidRequest(
+                    f"messages.{i}.content.{j}: `tool_result` blocks must come before any other "
+                    "content (e.g. text) in a user message"
+                )
+            if tid not in prev_ids:
+                raise InvalidRequest(
+                    f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                    f"{tid}. Each `tool_result` block must have a corresponding `tool_use` block in the "
+                    "previous message."
+                )
+            if tid in answered_here:
+                raise InvalidRequest(f"messages.{i}.content.{j}: duplicate `tool_result` for tool_use_id {tid}")
+            answered_here.add(tid)
+
+
+def _validate_blocks(i: int, role: str, content: list[Any], seen_ids: set[str]) -> None:
+    allowed = USER_BLOCKS if role == "user" else ASSISTANT_BLOCKS
+    for j, blk in enumerate(content):
+        where = f"messages.{i}.content.{j}"
+        if not isinstance(blk, dict) or not isinstance(blk.get("type"), str):
+            raise InvalidRequest(f"{where}: Input should be a valid content block object with a 'type'")
+        kind = blk["type"]
+        if kind not in allowed:
+            raise InvalidRequest(f"{where}: `{kind}` blocks are not allowed in {role} messages")
+        if kind == "text":
+            _check_text_block(blk, where)
+        elif kind == "tool_use":
+            tid, name = blk.get("id"), blk.get("name")
+            if not isinstance(tid, str) or not TOOL_USE_ID_RE.match(tid):
+                raise InvalidRequest(f"{where}.tool_use.id: String should match pattern '{TOOL_USE_ID_RE.pattern}'")
+            if tid in seen_ids:
+                raise InvalidRequest(f"{where}: `tool_use` ids must be unique, {tid} is repeated")
+            seen_ids.add(tid)
+            if not isinstance(name, str) or not name:
+                raise InvalidRequest(f"{where}.tool_use.name: Field required")
+            if not isinstance(blk.get("input"), dict):
+                raise InvalidRequest(f"{where}.tool_use.input: Input should be a valid dictionary")
+        elif kind == "tool_result":
+            if not isinstance(blk.get("tool_use_id"), str):
+                raise InvalidRequest(f"{where}.tool_result.tool_use_id: Field required")
+            inner = blk.get("content")
+            if inner is not None and not isinstance(inner, (str, list)):
+                raise InvalidRequest(f"{where}.tool_result.content: Input should be a valid string or list")
+            if "is_error" in blk and not isinstance(blk["is_error"], bool):
+                raise InvalidRequest(f"{where}.tool_result.is_error: Input should be a valid boolean")
+
+
+# --------------------------------------------------------------------------- default brain
+
+
+def sample_from_schema(schema: Any, name: str = "") -> Any:
+    """A plausible value for a JSON schema, the way a model fills a tool input.
+
+    Objects get their required properties (plus note/comment-like ones), numbers the
+    middle of min..max, enums their first value; an array of objects keyed by an enum
+    gets one item per enum value (one rating per module).
+    """
+    if not isinstance(schema, dict):
+        return "ok"
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for alt in ("anyOf", "oneOf", "allOf"):
+        if schema.get(alt):
+            options = [s for s in schema[alt] if isinstance(s, dict) and s.get("type") != "null"]
+            return sample_from_schema(options[0] if options else schema[alt][0], name)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((t for t in kind if t != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+
+    if kind == "object":
+        props: dict[str, Any] = schema.get("properties") or {}
+        required = schema.get("required")
+        wanted = [
+            p for p in props
+            if required is None or p in required or re.search(r"note|comment|feedback", p, re.I)
+        ]
+        return {p: sample_from_schema(props[p], p) for p in wanted}
+    if kind == "array":
+        items = schema.get("items") or {}
+        out: list[Any] = []
+        enum_prop = next(
+            (p for p, s in (items.get("properties") or {}).items() if isinstance(s, dict) and s.get("enum")),
+            None,
+        ) if isinstance(items, dict) and items.get("type", "object") == "object" else None
+        if enum_prop:
+            for value in items["properties"][enum_prop]["enum"]:
+                item = sample_from_schema(items, name)
+                item[enum_prop] = value
+                out.append(item)
+        else:
+            out.append(sample_from_schema(items, name))
+        while len(out) < schema.get("minItems", 0):
+            out.append(out[0])
+        return out[: schema["maxItems"]] if "maxItems" in schema else out
+    if kind in ("integer", "number"):
+        step = 1 if kind == "integer" else 0.5
+        lo: float | None = schema.get("minimum")
+        hi: float | None = schema.get("maximum")
+        if lo is None and "exclusiveMinimum" in schema:
+            lo = schema["exclusiveMinimum"] + step
+        if hi is None and "exclusiveMaximum" in schema:
+            hi = schema["exclusiveMaximum"] - step
+        if lo is not None and hi is not None:
+            value = (lo + hi) // 2 if kind == "integer" else (lo + hi) / 2
+        else:
+            value = lo if lo is not None else min(hi, 1) if hi is not None else 1
+        return int(value) if kind == "integer" else float(value)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    fmt = schema.get("format")
+    text = {
+        "date": "2026-11-22",
+        "date-time": "2026-11-22T10:00:00Z",
+        "email": "test@example.com",
+        "uri": "https://example.com/",
+        "uuid": "00000000-0000-4000-8000-000000000000",
+    }.get(fmt or "")
+    if text is None:
+        text = "Passt soweit, alles verständlich." if re.search(r"note|comment|feedback", name, re.I) else (
+            f"Beispiel {name}".strip() if name else "ok"
+        )
+    text = text.ljust(schema.get("minLength", 0), ".")
+    return text[: schema["maxLength"]] if "maxLength" in schema else text
+
+
+def default_brain(body: dict[str, Any]) -> tuple[list[Block], str]:
+    """Deterministic stand-in for a model: forced tools, two rounds of tool use, then talk."""
+    tools: list[dict[str, Any]] = body.get("tools") or []
+    choice: dict[str, Any] = body.get("tool_choice") or {"type": "auto"}
+    messages: list[dict[str, Any]] = body["messages"]
+    tool_turns = sum(
+        1 for m in messages
+        if m["role"] == "assistant" and any(b.get("type") == "tool_use" for b in _blocks(m))
+    )
+
+    def use(tool: dict[str, Any]) -> Block:
+        return {
+            "type": "tool_use",
+            "id": "toolu_" + secrets.token_hex(12),
+            "name": tool["name"],
+            "input": sample_from_schema(tool["input_schema"]),
+        }
+
+    if choice["type"] == "tool":
+        return [use(next(t for t in tools if t["name"] == choice["name"]))], "tool_use"
+    if choice["type"] == "any":
+        return [use(tools[tool_turns % len(tools)])], "tool_use"
+    if tools and choice["type"] == "auto" and tool_turns < 2:
+        # Round-robin by turn, so a 4-tool list gets tools 0+1, then 2+3.
+        picks = [tools[(2 * tool_turns + k) % len(tools)] for k in range(min(2, len(tools)))]
+        if choice.get("disable_parallel_tool_use"):
+            picks = picks[:1]
+        text = {"type": "text", "text": "Ich probiere das gleich mal aus."}
+        return [text, *(use(t) for t in picks)], "tool_use"
+    turn = sum(1 for m in messages if m["role"] == "assistant")
+    lines = [GERMAN_LINES[turn % len(GERMAN_LINES)], GERMAN_LINES[(turn + 1) % len(GERMAN_LINES)]]
+    return [{"type": "text", "text": " ".join(lines[: 1 + turn % 2])}], "end_turn"
+
+
+# --------------------------------------------------------------------------- usage
+
+
+def _tokens(obj: Any) -> int:
+    # Roughly 4 characters per token, as for English/German prose.
+    return max(1, math.ceil(len(json.dumps(obj, ensure_ascii=False, sort_keys=True)) / 4))
+
+
+def _output_tokens(blocks: list[Block]) -> int:
+    # What the model generates: the text and the tool names/inputs, not the JSON envelope.
+    parts = [b.get("text", "") if b.get("type") == "text" else b.get("name", "") + json.dumps(b.get("input", {}))
+             for b in blocks]
+    return max(1, math.ceil(len("".join(parts)) / 4))
+
+
+def _strip_cc(blk: Any) -> Any:
+    # Marking a block as a breakpoint must not change the prefix it caches.
+    if not isinstance(blk, dict):
+        return blk
+    out = {k: v for k, v in blk.items() if k != "cache_control"}
+    if isinstance(out.get("content"), list):  # tool_result content
+        out["content"] = [_strip_cc(s) for s in out["content"]]
+    return out
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn tuned for one fake per test: no signal handlers, fast stop.
+
+    Stock uvicorn takes over SIGINT/SIGTERM for the whole test process, polls for
+    should_exit every 0.1 s and sleeps another 0.1 s on shutdown: ~0.2 s per test.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def main_loop(self) -> None:
+        while not self.should_exit:
+            await asyncio.sleep(0.005)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle keep-alive connections close now, busy ones after replying
+        for server in self.servers:
+            await server.wait_closed()
+
+
+class FakeAnthropic:
+    """The fake API. ``async with FakeAnthropic() as fake`` serves it on 127.0.0.1:<free port>.
+
+    brain:   makes the reply; replace it per test (see ``Brain``). Defaults to ``default_brain``.
+    api_key: if set, a request carrying any other key gets 401 (otherwise any key passes).
+    """
+
+    def __init__(self, *, brain: Brain | None = None, api_key: str | None = None) -> None:
+        self.brain: Brain = brain or default_brain
+        self.api_key = api_key
+        self.requests: list[Any] = []  # every JSON body received on /v1/messages, in order
+        self.exchanges: list[Exchange] = []  # the same, with headers, status and answer
+        self.base_url = ""  # http://127.0.0.1:<port>, set once started
+        self._failures: deque[_Failure] = deque()
+        self._cache: dict[str, int] = {}  # prompt-prefix hash -> its token count
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.app = Starlette(
+            routes=[
+                Route("/v1/messages", self._messages, methods=["POST"]),
+                Route("/{path:path}", self._not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+            ]
+        )
+
+    def fail_next(
+        self,
+        status: int = 429,
+        count: int = 1,
+        retry_after: float | None = None,
+        message: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` /v1/messages requests with this error (after the auth check).
+
+        retry_after (seconds) is sent as ``retry-after``; note the SDK ignores 0 and then backs
+        off 0.5 s/1 s itself, so pass a small positive value (0.01) for fast tests.
+        """
+        etype = error_type or ERROR_TYPES.get(status, "api_error")
+        text = message or {
+            "rate_limit_error": "Number of request tokens has exceeded your per-minute rate limit",
+            "overloaded_error": "Overloaded",
+            "api_error": "Internal server error",
+        }.get(etype, etype)
+        for _ in range(count):
+            self._failures.append(_Failure(status, retry_after, etype, text))
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        self._server = _QuietServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # re-raise the startup error
+            await asyncio.sleep(0.005)
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._server = self._task = None
+
+    async def __aenter__(self) -> FakeAnthropic:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ----------------------------------------------------------------- handlers
+
+    def _reply(self, body: Any, headers: dict[str, str], status: int, payload: dict[str, Any],
+               extra_headers: dict[str, str] | None = None) -> JSONResponse:
+        request_id = "req_" + secrets.token_hex(12)
+        if status != 200:
+            payload = {**payload, "request_id": request_id}
+        self.exchanges.append(Exchange(body, headers, status, payload))
+        return JSONResponse(payload, status, headers={"request-id": request_id, **(extra_headers or {})})
+
+    @staticmethod
+    def _error(status: int, message: str, etype: str | None = None) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": etype or ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+    async def _not_found(self, request: Request) -> JSONResponse:
+        return self._reply(None, dict(request.headers), 404, self._error(404, f"Not found: {request.url.path}"))
+
+    async def _messages(self, request: Request) -> JSONResponse:
+        headers = dict(request.headers)
+        raw = await request.body()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = None
+        if body is not None:
+            self.requests.append(body)
+
+        # Order as at the real edge: authentication, then rate limiting, then validation.
+        key = headers.get("x-api-key") or ""
+        auth = headers.get("authorization", "")
+        if not key and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        if not key:
+            return self._reply(body, headers, 401, self._error(401, "x-api-key header is required"))
+        if self.api_key is not None and key != self.api_key:
+            return self._reply(body, headers, 401, self._error(401, "invalid x-api-key"))
+        if self._failures:
+            f = self._failures.popleft()
+            extra = {} if f.retry_after is None else {"retry-after": f"{f.retry_after:g}"}
+            return self._reply(body, headers, f.status, self._error(f.status, f.message, f.error_type), extra)
+        if "anthropic-version" not in headers:
+            return self._reply(body, headers, 400, self._error(400, "anthropic-version: header is required"))
+        if body is None:
+            return self._reply(body, headers, 400, self._error(400, "There was an error parsing the body: invalid JSON"))
+        try:
+            validate_request(body)
+        except InvalidRequest as e:
+            return self._reply(body, headers, 400, self._error(400, str(e)))
+
+        try:
+            reply = self.brain(body)
+            if inspect.isawaitable(reply):
+                reply = await reply
+        except Exception as e:  # surface brain bugs, and stop the SDK from retrying them
+            return self._reply(body, headers, 500, self._error(500, f"fake brain raised {e!r}"),
+                               {"x-should-retry": "false"})
+        blocks, stop_reason = reply if isinstance(reply, tuple) else (
+            reply, "tool_use" if any(b.get("type") == "tool_use" for b in reply) else "end_turn"
+        )
+        blocks = [dict(b) for b in blocks]  # the brain may reuse its lists; don't write into them
+        for blk in blocks:
+            if blk.get("type") == "tool_use" and not blk.get("id"):
+                blk["id"] = "toolu_" + secrets.token_hex(12)
+
+        output_tokens = _output_tokens(blocks)
+        if output_tokens > body["max_tokens"]:
+            # Cut the reply off like a model running out of tokens: text only, truncated.
+            text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")[: body["max_tokens"] * 4]
+            blocks = [{"type": "text", "text": text}] if text else []
+            stop_reason, output_tokens = "max_tokens", body["max_tokens"]
+
+        message = {
+            "id": "msg_" + secrets.token_hex(12),
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": blocks,
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {**self._usage(body), "output_tokens": output_tokens},
+        }
+        return self._reply(body, headers, 200, message)
+
+    def _usage(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Input token counts with a deterministic prompt cache.
+
+        The prompt is the sequence tools, system, message blocks. Each cache_control marks a
+        prefix; a prefix seen before (same model) is read from cache, the longest such wins,
+        and whatever lies between it and the last breakpoint is written to cache.
+        """
+        segments: list[tuple[Any, Any]] = [(_strip_cc(t), t.get("cache_control")) for t in body.get("tools") or []]
+        system = body.get("system")
+        if isinstance(system, str):
+            segments.append((system, None))
+        elif isinstance(system, list):
+            segments += [(_strip_cc(b), b.get("cache_control")) for b in system]
+        for m in body["messages"]:
+            for b in _blocks(m):
+                # A breakpoint inside a tool_result's content marks the enclosing block.
+                inner = b.get("content") if b.get("type") == "tool_result" else None
+                nested = [s.get("cache_control") for s in inner if isinstance(s, dict)] if isinstance(inner, list) else []
+                cc = b.get("cache_control") or next((c for c in nested if c), None)
+                segments.append(((m["role"], _strip_cc(b)), cc))
+        if body.get("cache_control") and segments:
+            segments[-1] = (segments[-1][0], body["cache_control"])
+
+        sizes = [_tokens(s) for s, _ in segments]
+        total = sum(sizes)
+        breakpoints = [i for i, (_, cc) in enumerate(segments) if cc]
+        read = created = 0
+        ttl = "5m"
+        if breakpoints:
+            keys = {
+                i: hashlib.sha256(json.dumps([body["model"], [s for s, _ in segments[: i + 1]]], sort_keys=True).encode()).hexdigest()
+                for i in breakpoints
+            }
+            hits = [i for i in breakpoints if keys[i] in self._cache]
+            read = sum(sizes[: max(hits) + 1]) if hits else 0
+            last = breakpoints[-1]
+            created = sum(sizes[: last + 1]) - read
+            last_cc = segments[last][1]
+            ttl = last_cc.get("ttl", "5m") if isinstance(last_cc, dict) else "5m"
+            for i in breakpoints:
+                self._cache[keys[i]] = sum(sizes[: i + 1])
+        return {
+            "input_tokens": total - read - created,
+            "cache_creation_input_tokens": created,
+            "cache_read_input_tokens": read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": created if ttl == "5m" else 0,
+                "ephemeral_1h_input_tokens": created if ttl == "1h" else 0,
+            },
+            "service_tier": "standard",
+        }

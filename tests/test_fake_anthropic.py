@@ -1,0 +1,290 @@
+"""The fake Messages API, exercised through the real anthropic SDK.
+
+If these pass, other tests can trust that what the fake accepts the real API accepts
+(for the rules the project cares about) and that the SDK's retry path really runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import httpx
+import jsonschema
+import pytest
+
+from fake_anthropic import FakeAnthropic, sample_from_schema
+
+MODEL = "claude-haiku-4-5"  # not in the SDK's DEPRECATED_MODELS, so no warning
+
+# Typed Any: plain dicts, as the runner builds them, not the SDK's TypedDicts.
+TOOLS: Any = [
+    {
+        "name": "todo_create",
+        "description": "Create a todo",
+        "input_schema": {
+            "type": "object",
+            "properties": {"title": {"type": "string", "maxLength": 80}, "due": {"type": "string", "format": "date"}},
+            "required": ["title"],
+        },
+    },
+    {"name": "todo_list", "input_schema": {"type": "object", "properties": {}}},
+    {
+        "name": "note_add",
+        "input_schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "pinned": {"type": "boolean"}},
+            "required": ["text", "pinned"],
+        },
+    },
+]
+
+RATINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "ratings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "module": {"type": "string", "enum": ["todo", "notes", "calendar"]},
+                    "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+                    "notes": {"type": "string"},
+                },
+                "required": ["module", "rating"],
+                "additionalProperties": False,
+            },
+        },
+        "summary": {"type": "string"},
+    },
+    "required": ["ratings", "summary"],
+}
+
+
+@pytest.fixture
+async def client(fake_anthropic: FakeAnthropic) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    # Closed explicitly: an SDK client left to the GC closes itself on a dead event loop.
+    async with anthropic.AsyncAnthropic(api_key="test-key", base_url=fake_anthropic.base_url, max_retries=2) as c:
+        yield c
+
+
+def _user(text: str) -> Any:
+    return {"role": "user", "content": text}
+
+
+def _tool_use(tid: str, name: str = "todo_list") -> Any:
+    return {"role": "assistant", "content": [{"type": "tool_use", "id": tid, "name": name, "input": {}}]}
+
+
+async def test_tool_use_conversation_round_trips(
+    fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic
+) -> None:
+    messages: list[Any] = [_user("Du bist Anna. Probier die App aus.")]
+    replies = []
+    for _ in range(5):
+        resp = await client.messages.create(model=MODEL, max_tokens=1024, tools=TOOLS, messages=messages)
+        replies.append(resp)
+        if resp.stop_reason != "tool_use":
+            break
+        # Hand the SDK's own pydantic blocks back, as the runner will.
+        messages.append({"role": "assistant", "content": resp.content})
+        messages.append({
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": b.id, "content": "ok"} for b in resp.content if b.type == "tool_use"
+            ],
+        })
+
+    assert [r.stop_reason for r in replies] == ["tool_use", "tool_use", "end_turn"]
+    names = [[b.name for b in r.content if b.type == "tool_use"] for r in replies[:2]]
+    assert names == [["todo_create", "todo_list"], ["note_add", "todo_create"]]  # round-robin
+    first_create = replies[0].content[1]
+    assert isinstance(first_create, anthropic.types.ToolUseBlock)
+    assert first_create.id.startswith("toolu_") and "title" in first_create.input
+    final = replies[-1]
+    assert final.content[0].type == "text" and final.content[0].text
+    assert final.id.startswith("msg_") and final.model == MODEL and final._request_id
+    assert final.usage.input_tokens > replies[0].usage.input_tokens > 0 and final.usage.output_tokens > 0
+    assert len(fake_anthropic.requests) == 3 and fake_anthropic.requests[0]["tools"][0]["name"] == "todo_create"
+
+
+async def test_dotted_tool_name_is_refused(client: anthropic.AsyncAnthropic) -> None:
+    tool: Any = {"name": "todo.create", "input_schema": {"type": "object"}}
+    with pytest.raises(anthropic.BadRequestError) as err:
+        await client.messages.create(model=MODEL, max_tokens=64, tools=[tool], messages=[_user("hi")])
+    assert err.value.status_code == 400 and err.value.type == "invalid_request_error"
+    assert err.value.api_message == "tools.0.custom.name: String should match pattern '^[a-zA-Z0-9_-]{1,64}$'"
+    assert err.value.request_id and err.value.request_id.startswith("req_")
+
+
+async def test_unanswered_tool_use_is_refused(client: anthropic.AsyncAnthropic) -> None:
+    messages = [_user("hi"), _tool_use("toolu_abc"), _user("weiter")]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        await client.messages.create(model=MODEL, max_tokens=64, tools=TOOLS, messages=messages)
+    assert err.value.api_message is not None
+    assert err.value.api_message.startswith(
+        "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: toolu_abc."
+    )
+
+
+async def test_broken_alternation_is_refused(client: anthropic.AsyncAnthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError, match='multiple "user" roles in a row'):
+        await client.messages.create(model=MODEL, max_tokens=64, messages=[_user("a"), _user("b")])
+
+
+async def test_forced_tool_choice_fills_schema(client: anthropic.AsyncAnthropic) -> None:
+    tool: Any = {"name": "submit_ratings", "input_schema": RATINGS_SCHEMA}
+    resp = await client.messages.create(
+        model=MODEL, max_tokens=512, tools=[*TOOLS, tool],
+        tool_choice={"type": "tool", "name": "submit_ratings"}, messages=[_user("Bewerte die Module.")],
+    )
+    assert resp.stop_reason == "tool_use" and len(resp.content) == 1
+    block = resp.content[0]
+    assert block.type == "tool_use" and block.name == "submit_ratings"
+    jsonschema.validate(block.input, RATINGS_SCHEMA)
+    ratings: Any = block.input["ratings"]
+    assert [r["module"] for r in ratings] == ["todo", "notes", "calendar"]
+    assert all(r["rating"] == 3 and r["notes"] for r in ratings)  # mid of 1..5; notes-like props filled
+
+
+async def test_rate_limit_is_retried_then_succeeds(
+    fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic
+) -> None:
+    # retry-after must be > 0: the SDK ignores 0 and backs off ~0.5 s + ~1 s by itself.
+    fake_anthropic.fail_next(status=429, count=2, retry_after=0.01)
+    started = time.monotonic()
+    resp = await client.messages.create(model=MODEL, max_tokens=64, messages=[_user("hi")])  # max_retries=2
+    assert resp.stop_reason == "end_turn"
+    assert time.monotonic() - started < 1.0  # the retry-after was honoured, not the backoff
+    assert [e.status for e in fake_anthropic.exchanges] == [429, 429, 200]
+    assert [e.headers["x-stainless-retry-count"] for e in fake_anthropic.exchanges] == ["0", "1", "2"]
+    assert fake_anthropic.exchanges[0].response["error"]["type"] == "rate_limit_error"
+
+
+async def test_overloaded_exhausts_retries(
+    fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic
+) -> None:
+    fake_anthropic.fail_next(status=529, count=3, retry_after=0.01)
+    with pytest.raises(anthropic.OverloadedError) as err:  # subclass of InternalServerError
+        await client.messages.create(model=MODEL, max_tokens=64, messages=[_user("hi")])
+    assert isinstance(err.value, anthropic.InternalServerError)
+    assert err.value.status_code == 529 and err.value.type == "overloaded_error"
+    assert len(fake_anthropic.requests) == 3
+
+
+async def test_more_than_four_cache_breakpoints_are_refused(client: anthropic.AsyncAnthropic) -> None:
+    eph: Any = {"type": "ephemeral"}
+    system: Any = [{"type": "text", "text": f"Teil {i}", "cache_control": eph} for i in range(3)]
+    tools: Any = [{**TOOLS[0], "cache_control": eph}]
+    content: Any = [{"type": "text", "text": "hi", "cache_control": eph}]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        await client.messages.create(
+            model=MODEL, max_tokens=64, system=system, tools=tools, messages=[{"role": "user", "content": content}]
+        )
+    assert err.value.api_message == "A maximum of 4 blocks with cache_control may be provided. Found 5."
+
+
+async def test_prompt_cache_is_written_then_read(client: anthropic.AsyncAnthropic) -> None:
+    system: Any = [{"type": "text", "text": "Du bist Anna. " * 50, "cache_control": {"type": "ephemeral"}}]
+    first = await client.messages.create(model=MODEL, max_tokens=64, system=system, messages=[_user("a")])
+    second = await client.messages.create(model=MODEL, max_tokens=64, system=system, messages=[_user("b")])
+    assert first.usage.cache_creation_input_tokens and not first.usage.cache_read_input_tokens
+    assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
+    assert second.usage.cache_creation_input_tokens == 0
+
+
+async def test_brain_can_be_replaced(
+    fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic
+) -> None:
+    # A brain may return anything, including a tool the request never offered.
+    async def brain(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+        return [{"type": "tool_use", "name": "no_such_tool", "input": {"x": 1}}], "tool_use"
+
+    fake_anthropic.brain = brain
+    resp = await client.messages.create(model=MODEL, max_tokens=64, tools=TOOLS, messages=[_user("hi")])
+    assert resp.content[0].type == "tool_use" and resp.content[0].name == "no_such_tool"
+    fake_anthropic.brain = lambda body: [{"type": "text", "text": "{rating: kaputt"}]
+    resp = await client.messages.create(model=MODEL, max_tokens=64, messages=[_user("hi")])
+    assert resp.stop_reason == "end_turn" and resp.content[0].type == "text"
+
+
+BASE: dict[str, Any] = {"model": MODEL, "max_tokens": 64}
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"max_tokens": 5, "messages": [_user("x")]}, "model: Field required"),
+        ({**BASE, "max_tokens": 0, "messages": [_user("x")]}, "max_tokens: Input should be greater than or equal to 1"),
+        ({**BASE, "messages": []}, "messages: at least one message is required"),
+        ({**BASE, "messages": [{"role": "assistant", "content": "x"}]}, 'first message must use the "user" role'),
+        ({**BASE, "system": [{"type": "image"}], "messages": [_user("x")]}, "system.0.type: Input should be 'text'"),
+        ({**BASE, "tools": [TOOLS[1], TOOLS[1]], "messages": [_user("x")]}, "Tool names must be unique"),
+        ({**BASE, "tools": [{"name": "t", "input_schema": {"type": "array"}}], "messages": [_user("x")]},
+         "tools.0.custom.input_schema.type: Input should be 'object'"),
+        ({**BASE, "tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}, "messages": [_user("x")]},
+         "tool 'nope' is not among the provided tools"),
+        ({**BASE, "tools": TOOLS, "tool_choice": {"type": "sometimes"}, "messages": [_user("x")]}, "tool_choice.type"),
+        ({**BASE, "messages": [_user("x"), _tool_use("toolu_1")]}, "toolu_1"),  # prefill with tool_use
+        ({**BASE, "messages": [_user("x"), {"role": "assistant", "content": "Na gut "}]}, "trailing whitespace"),
+        ({**BASE, "messages": [_user("x"), _tool_use("toolu_1"), {"role": "user", "content": [
+            {"type": "text", "text": "hier"}, {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]}]},
+         "messages.2.content.1: `tool_result` blocks must come before any other content"),
+        ({**BASE, "messages": [_user("x"), _tool_use("toolu_1"), {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1"}, {"type": "tool_result", "tool_use_id": "toolu_2"}]}]},
+         "unexpected `tool_use_id` found in `tool_result` blocks: toolu_2"),
+        ({**BASE, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x", "cache_control": {"type": "persistent"}}]}]},
+         "messages.0.content.0.cache_control.type: Input should be 'ephemeral'"),
+        ({**BASE, "temperature": 0.5, "messages": [_user("x")]}, "temperature: Extra inputs are not permitted"),
+        ({**BASE, "messages": [_user("x"), {"role": "system", "content": "y"}]}, "'system' messages"),
+    ],
+)
+async def test_validation_reasons(fake_anthropic: FakeAnthropic, body: dict[str, Any], reason: str) -> None:
+    async with httpx.AsyncClient(base_url=fake_anthropic.base_url) as http:
+        r = await http.post("/v1/messages", json=body, headers={"x-api-key": "k", "anthropic-version": "2023-06-01"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert reason in r.json()["error"]["message"]
+
+
+async def test_headers_are_required(fake_anthropic: FakeAnthropic) -> None:
+    body = {**BASE, "messages": [_user("x")]}
+    async with httpx.AsyncClient(base_url=fake_anthropic.base_url) as http:
+        no_key = await http.post("/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"})
+        no_version = await http.post("/v1/messages", json=body, headers={"authorization": "Bearer k"})
+    assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "authentication_error"
+    assert no_version.status_code == 400 and "anthropic-version" in no_version.json()["error"]["message"]
+
+
+def test_sample_from_schema_respects_bounds() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "number", "minimum": 0, "maximum": 1},
+            "k": {"type": "integer", "minimum": 7},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+            "kind": {"type": ["string", "null"], "enum": ["a", "b"]},
+            "short": {"type": "string", "maxLength": 3},
+        },
+    }
+    value = sample_from_schema(schema)
+    jsonschema.validate(value, schema)
+    assert value["n"] == 0.5 and value["k"] == 7 and value["kind"] == "a"
+
+
+async def test_wrong_key_is_an_authentication_error() -> None:
+    async with FakeAnthropic(api_key="right") as fake, anthropic.AsyncAnthropic(
+        api_key="wrong", base_url=fake.base_url
+    ) as client:
+        with pytest.raises(anthropic.AuthenticationError):
+            await client.messages.create(model=MODEL, max_tokens=8, messages=[_user("x")])
+    assert len(fake.requests) == 1  # 401 is not retried
+
+
+async def test_max_tokens_cuts_the_reply(client: anthropic.AsyncAnthropic) -> None:
+    resp = await client.messages.create(model=MODEL, max_tokens=3, messages=[_user("Erzähl mal.")])
+    assert resp.stop_reason == "max_tokens" and resp.usage.output_tokens == 3
+    assert resp.content[0].type == "text" and len(resp.content[0].text) <= 12

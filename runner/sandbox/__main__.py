@@ -1,0 +1,65 @@
+"""`python -m runner.sandbox --db PATH`: serve the Mana stand-in until SIGTERM/SIGINT.
+
+Once all three servers listen, prints one JSON line {"auth_url","api_url","mcp_url"} to stdout
+(tests start this as a subprocess and read that line), then stays quiet on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+
+from runner.persona import DEV_SEED_SECRET
+from runner.sandbox import Sandbox, SandboxConfig
+
+
+def _parse(argv: list[str] | None) -> SandboxConfig:
+    parser = argparse.ArgumentParser(prog="python -m runner.sandbox", description=__doc__)
+    parser.add_argument("--db", required=True, help="SQLite file (created if missing)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--auth-port", type=int, default=3001)
+    parser.add_argument("--api-port", type=int, default=3060)
+    parser.add_argument("--mcp-port", type=int, default=3069)
+    parser.add_argument("--seed-secret", default=os.environ.get("PERSONA_SEED_SECRET") or DEV_SEED_SECRET)
+    parser.add_argument("--service-key", default=os.environ.get("MANA_SERVICE_KEY") or "sandbox-service-key")
+    parser.add_argument("--jwt-ttl-s", type=int, default=900)
+    args = parser.parse_args(argv)
+    return SandboxConfig(
+        db_path=args.db,
+        seed_secret=args.seed_secret,
+        service_key=args.service_key,
+        host=args.host,
+        auth_port=args.auth_port,
+        api_port=args.api_port,
+        mcp_port=args.mcp_port,
+        jwt_ttl_s=args.jwt_ttl_s,
+    )
+
+
+async def _run(config: SandboxConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Sandbox(config) as sandbox:
+        urls = {"auth_url": sandbox.auth_url, "api_url": sandbox.api_url, "mcp_url": sandbox.mcp_url}
+        print(json.dumps(urls), flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = _parse(argv)
+    try:
+        asyncio.run(_run(config))
+    except OSError as exc:  # typically a port already in use
+        print(f"sandbox: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 import tempfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ async def _demo() -> int:
             for secret in settings.secrets():
                 log.register_secret(secret)
             print(f"sandbox up: auth {sandbox.auth_url}, api {sandbox.api_url}, mcp {sandbox.mcp_url}", file=sys.stderr)
+            await _weekday_clock(sandbox.api_url)
             print(f"provider: {'Claude (' + settings.anthropic_model + ')' if use_claude else 'scripted (offline)'}", file=sys.stderr)
             async with open_runtime(settings) as runtime:
                 report = await run_once(runtime)
@@ -149,6 +151,19 @@ async def _demo() -> int:
                 print(f"{report.backlog} batches were not delivered", file=sys.stderr)
                 return 1
     return 0
+
+
+async def _weekday_clock(api_url: str) -> None:
+    """`weekdays` personas rest on weekends; the demo moves the sandbox's clock to Monday so all play."""
+    import httpx
+
+    now = datetime.now(timezone.utc)
+    if now.weekday() < 5:
+        return
+    monday = now + timedelta(days=7 - now.weekday())
+    async with httpx.AsyncClient() as http:
+        (await http.post(f"{api_url}/__sandbox/clock", json={"now": monday.isoformat()})).raise_for_status()
+    print(f"weekend: the sandbox's clock is set to {monday.date()} so weekday personas play too", file=sys.stderr)
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:

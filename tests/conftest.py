@@ -14,3 +14,76 @@ async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
     """A local Messages API on a free port; point the SDK at ``fake_anthropic.base_url``."""
     async with FakeAnthropic() as fake:
         yield fake
+
+
+# --- The sandbox in-process, and settings pointing the runner at it ---------------------------
+
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+from runner.sandbox import Sandbox, SandboxConfig  # noqa: E402
+from runner.settings import Settings, load_settings  # noqa: E402
+
+# A Wednesday: `weekdays` personas are due, whatever day the suite runs on.
+WEEKDAY = "2026-11-25T09:30:00+00:00"
+SEED_SECRET = "contract-seed-secret"
+SERVICE_KEY = "contract-service-key"
+
+
+@dataclasses.dataclass
+class Mana:
+    sandbox: Sandbox
+    config: SandboxConfig
+    control: httpx.AsyncClient
+
+    async def get(self, what: str) -> Any:
+        response = await self.control.get(f"/__sandbox/{what}")
+        response.raise_for_status()
+        return response.json()
+
+    async def post(self, what: str, body: dict[str, Any]) -> Any:
+        response = await self.control.post(f"/__sandbox/{what}", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    async def add_persona(self, name: str, **options: Any) -> dict[str, Any]:
+        spec = {
+            "name": name,
+            "archetype": "test-archetype",
+            "systemPrompt": "Du bist eine Testperson.",
+            "moduleMix": {"todo": 0.5, "journal": 0.3, "calendar": 0.2},
+            "tickCadence": "daily",
+            "options": options,
+        }
+        return dict(await self.post("personas", spec))
+
+    def settings(self, tmp_path: Path, **overrides: Any) -> Settings:
+        values: dict[str, Any] = dict(
+            mana_api_url=self.sandbox.api_url,
+            mana_auth_url=self.sandbox.auth_url,
+            mana_mcp_url=self.sandbox.mcp_url,
+            mana_service_key=self.config.service_key,
+            persona_seed_secret=self.config.seed_secret,
+            llm_provider="scripted",
+            runner_env="development",
+            node_env=None,
+            runner_state_path=tmp_path / "runner.db",
+            mana_retry_base_s=0.01,
+            persona_retry_base_s=0.05,
+            log_format="json",
+        )
+        values.update(overrides)
+        return load_settings(**values)
+
+
+@pytest.fixture
+async def mana(tmp_path: Path) -> AsyncIterator[Mana]:
+    """The sandbox on loopback, clock on a weekday, plus a client for its inspection routes."""
+    config = SandboxConfig(db_path=str(tmp_path / "sandbox.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY)
+    async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url, timeout=30) as control:
+        world = Mana(sandbox, config, control)
+        await world.post("clock", {"now": WEEKDAY})
+        yield world

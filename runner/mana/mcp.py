@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 from mcp import Client, MCPError
@@ -15,7 +15,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import CallToolResult, Tool
 
-from runner.mana.errors import ApiError, TransportError
+from runner.mana.errors import ApiError, ManaError, TransportError
+
+T = TypeVar("T")
 
 TokenSource = Callable[[], Awaitable[str]]
 
@@ -87,7 +89,7 @@ class McpGateway:
         except BaseException as exc:
             await self._stack.aclose()
             if isinstance(exc, Exception):
-                raise self._connect_error(exc) from None
+                raise self._error(exc) from None
             raise
         return self
 
@@ -100,11 +102,14 @@ class McpGateway:
             pass
 
     async def tools(self) -> list[ToolSpec]:
-        assert self._client is not None
+        client = self._connected()
         specs: list[ToolSpec] = []
         cursor: str | None = None
         while True:
-            page = await self._client.list_tools(cursor=cursor)
+            try:
+                page = await self._fresh_on_401(lambda: client.list_tools(cursor=cursor))
+            except MCPError as exc:
+                raise self._error(exc) from None
             specs += [
                 ToolSpec(t.name, t.description or "", dict(t.input_schema), is_destructive(t)) for t in page.tools
             ]
@@ -114,21 +119,28 @@ class McpGateway:
 
     async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
         """Never raises for a tool's own failure: that is an outcome the persona reports."""
-        assert self._client is not None
-        for attempt in (1, 2):
-            self._last_status = 0
-            try:
-                result = await self._client.call_tool(name, arguments)
-                return ToolOutcome(ok=not result.is_error, text=result_text(result))
-            except MCPError as exc:
-                # 401 means the call never ran (expired JWT): safe to send again once, with a fresh one.
-                if self._last_status == 401 and attempt == 1:
-                    await self._use_token(await self._refresh())
-                    continue
-                return ToolOutcome(ok=False, text=_short(exc))
-            except Exception as exc:  # noqa: BLE001 - a broken result is still one error row, not a dead tick
-                return ToolOutcome(ok=False, text=_short(exc))
-        raise AssertionError("unreachable")
+        client = self._connected()
+        try:
+            result = await self._fresh_on_401(lambda: client.call_tool(name, arguments))
+        except Exception as exc:  # noqa: BLE001 - a broken call is still one error row, not a dead tick
+            return ToolOutcome(ok=False, text=_short(exc))
+        return ToolOutcome(ok=not result.is_error, text=result_text(result))
+
+    async def _fresh_on_401(self, send: Callable[[], Awaitable[T]]) -> T:
+        """A 401 means the request never ran (the JWT expired): resend it once with a fresh JWT."""
+        self._last_status = 0
+        try:
+            return await send()
+        except MCPError:
+            if self._last_status != 401:
+                raise
+        await self._use_token(await self._refresh())
+        self._last_status = 0
+        return await send()
+
+    def _connected(self) -> Client:
+        assert self._client is not None, "use McpGateway as an async context manager"
+        return self._client
 
     async def _use_token(self, token: str) -> None:
         self._token = token
@@ -142,13 +154,12 @@ class McpGateway:
         if response.status_code >= 400:
             self._last_status = response.status_code
 
-    def _connect_error(self, exc: Exception) -> Exception:
+    def _error(self, exc: Exception) -> ManaError:
+        """The SDK hides the HTTP status; the response hook saw it, so classify by it."""
         status = self._last_status
-        if status in (401, 403):
-            return ApiError(status, "MCP_REFUSED", "session refused", stage="mcp")
         if status >= 400:
-            return ApiError(status, "MCP_ERROR", "session could not be opened", stage="mcp")
-        return TransportError(f"mcp: could not open session ({_short(exc)})", stage="mcp")
+            return ApiError(status, "MCP_REFUSED" if status in (401, 403) else "MCP_ERROR", _short(exc), stage="mcp")
+        return TransportError(f"mcp: {_short(exc)}", stage="mcp")
 
 
 def _short(exc: BaseException) -> str:

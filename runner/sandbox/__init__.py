@@ -28,7 +28,7 @@ from runner.sandbox.mcp_server import build_mcp_app
 from runner.sandbox.personas_api import LEGACY_BASE_PATH, PersonasApi
 from runner.sandbox.store import EXTRA_SPACES, Clock, Faults, Store
 
-DEFAULT_PERSONAS_FILE = Path(__file__).parents[2] / "config" / "personas.json"
+DEFAULT_PERSONAS_FILE = Path(__file__).with_name("personas.json")  # package data: works installed, too
 
 
 @dataclass

@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine with Python 3.11+:
+#   make demo   - the sandbox on loopback and one round for every persona (no keys needed)
+#   make test   - the whole suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test serve lock clean
+
+$(VENV)/.installed: requirements.lock requirements-test.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-test.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m runner demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+serve: $(VENV)/.installed
+	$(PY) -m runner serve
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock:
+	rm -rf /tmp/persona-lock && $(PYTHON) -m venv /tmp/persona-lock
+	/tmp/persona-lock/bin/pip install --quiet . && /tmp/persona-lock/bin/pip freeze --exclude persona-runner > /tmp/persona-runtime.txt
+	/tmp/persona-lock/bin/pip install --quiet '.[test]' && /tmp/persona-lock/bin/pip freeze --exclude persona-runner > /tmp/persona-all.txt
+	{ echo "# Runtime dependencies, pinned: the demo, CI and the container install exactly this set."; echo "# Regenerate: make lock"; cat /tmp/persona-runtime.txt; } > requirements.lock
+	{ echo "# Test-only additions on top of requirements.lock. Regenerate: make lock"; echo "-r requirements.lock"; \
+	  grep -vxFf /tmp/persona-runtime.txt /tmp/persona-all.txt; } > requirements-test.lock
+
+clean:
+	rm -rf $(VENV) state

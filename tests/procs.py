@@ -1,0 +1,141 @@
+"""Real processes for end-to-end tests: the sandbox and the runner, as a user would start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SandboxProcess:
+    proc: subprocess.Popen[str]
+    auth_url: str
+    api_url: str
+    mcp_url: str
+    service_key: str
+    seed_secret: str
+
+    def get(self, what: str) -> Any:
+        response = httpx.get(f"{self.api_url}/__sandbox/{what}", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, what: str, body: dict[str, Any]) -> Any:
+        response = httpx.post(f"{self.api_url}/__sandbox/{what}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_sandbox(tmp: Path, *, seed_secret: str, service_key: str, python: str = sys.executable) -> SandboxProcess:
+    proc = subprocess.Popen(
+        [python, "-m", "runner.sandbox", "--db", str(tmp / "sandbox.db"), "--auth-port", "0", "--api-port", "0",
+         "--mcp-port", "0", "--seed-secret", seed_secret, "--service-key", service_key],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"sandbox did not start: {proc.stderr.read() if proc.stderr else ''}")
+    urls = json.loads(line)
+    return SandboxProcess(proc, urls["auth_url"], urls["api_url"], urls["mcp_url"], service_key, seed_secret)
+
+
+@dataclass
+class RunnerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_healthy(self, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"runner exited {self.proc.returncode}: {self.logs()[-2000:]}")
+            try:
+                response = httpx.get(f"{self.url}/health", timeout=2)
+                if response.status_code == 200:
+                    return dict(response.json())
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("runner never became healthy")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def runner_env(sandbox: SandboxProcess, state: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MANA_", "PERSONA_", "ANTHROPIC_", "RUNNER_", "LLM_"))}
+    env.update(
+        MANA_API_URL=sandbox.api_url,
+        MANA_AUTH_URL=sandbox.auth_url,
+        MANA_MCP_URL=sandbox.mcp_url,
+        MANA_SERVICE_KEY=sandbox.service_key,
+        PERSONA_SEED_SECRET=sandbox.seed_secret,
+        LLM_PROVIDER="scripted",
+        RUNNER_STATE_PATH=str(state),
+        TICK_INTERVAL_MS="1000",
+        MANA_RETRY_BASE_S="0.05",
+        PERSONA_RETRY_BASE_S="0.5",
+        LOG_FORMAT="json",
+        LOG_LEVEL="debug",
+        PORT=str(free_port()),
+    )
+    env.update(extra)
+    return env
+
+
+def start_runner(env: dict[str, str], log_path: Path, *, args: tuple[str, ...] = ("serve",), python: str = sys.executable, cwd: Path = ROOT) -> RunnerProcess:
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([python, "-m", "runner", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return RunnerProcess(proc, int(env["PORT"]), log_path, env)
+
+
+def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")

@@ -1,0 +1,238 @@
+"""The runner against the sandbox over real loopback HTTP and real MCP: what lands in Mana."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SEED_SECRET, SERVICE_KEY, Mana
+from fake_anthropic import FakeAnthropic, default_brain
+
+from runner.agent.loop import Entry, RatingReply, ToolCall, ToolDef, Turn
+from runner.persona import TICK_ROW, input_hash, module_of
+from runner.sandbox import Sandbox, SandboxConfig
+from runner.scheduler import RoundReport, open_runtime, run_once
+from runner.settings import Settings
+
+DESTRUCTIVE = {"todo.delete", "notes.delete", "habits.archive", "todo.bulkImport"}
+
+
+async def _once(settings: Settings) -> RoundReport:
+    async with open_runtime(settings) as runtime:
+        return await run_once(runtime)
+
+
+def _calls_by_user(calls: list[dict[str, Any]]) -> dict[str, Counter[tuple[str, str, bool]]]:
+    out: dict[str, Counter[tuple[str, str, bool]]] = {}
+    for c in calls:
+        out.setdefault(c["userId"], Counter())[(c["tool"], input_hash(c["arguments"]), bool(c["isError"]))] += 1
+    return out
+
+
+def _rows_by_user(actions: list[dict[str, Any]]) -> dict[str, Counter[tuple[str, str, bool]]]:
+    out: dict[str, Counter[tuple[str, str, bool]]] = {}
+    for a in actions:
+        if a["toolName"] != TICK_ROW:
+            out.setdefault(a["personaId"], Counter())[(a["toolName"], a["inputHash"], a["result"] == "error")] += 1
+    return out
+
+
+async def test_once_lands_exactly_the_rows_of_what_happened_and_a_rerun_adds_none(mana: Mana, tmp_path: Path) -> None:
+    settings = mana.settings(tmp_path)
+    report = await _once(settings)
+    assert report.backlog == 0
+    assert len(report.ticks) == 10  # the whole catalog is due on a weekday
+
+    actions, feedback, calls = await mana.get("actions"), await mana.get("feedback"), await mana.get("mcp-calls")
+    # Every tool call that reached mana-mcp has exactly one action row, with the same input hash and result.
+    assert _rows_by_user(actions) == _calls_by_user(calls)
+    assert not DESTRUCTIVE & {c["tool"] for c in calls}
+    for persona, tick in report.ticks:
+        rows = [a for a in actions if a["tickId"] == tick]
+        assert rows and {a["personaId"] for a in rows} == {persona.user_id}
+        assert [a["id"] for a in rows] == [f"{tick}-{i}-{a['toolName']}" for i, a in enumerate(rows)]
+        assert all(isinstance(a["latencyMs"], int) for a in rows if a["toolName"] != TICK_ROW)
+        used = {module_of(a["toolName"]) for a in rows if a["toolName"] != TICK_ROW}
+        rated = {f["module"]: f["rating"] for f in feedback if f["tickId"] == tick}
+        assert set(rated) == used  # exactly the modules used: none missing, no noise
+        assert all(1 <= r <= 5 for r in rated.values())
+
+    again = await _once(settings)
+    assert again.ticks == []  # lastActiveAt moved: nobody is due
+    assert (await mana.get("actions"), await mana.get("feedback"), await mana.get("mcp-calls")) == (actions, feedback, calls)
+
+
+async def test_a_persona_done_in_its_window_is_not_played_again_even_if_still_due(mana: Mana, tmp_path: Path) -> None:
+    sticky = await mana.add_persona("sticky", alwaysDue=True)
+    settings = mana.settings(tmp_path)
+    await _once(settings)
+    before = [c for c in await mana.get("mcp-calls") if c["userId"] == sticky["userId"]]
+    assert before
+    for _ in range(2):
+        report = await _once(settings)
+        assert all(p.user_id != sticky["userId"] for p, _ in report.ticks)
+    after = [c for c in await mana.get("mcp-calls") if c["userId"] == sticky["userId"]]
+    assert after == before
+    ticks = {a["tickId"] for a in await mana.get("actions") if a["personaId"] == sticky["userId"]}
+    assert len(ticks) == 1
+
+
+async def test_a_wrong_password_is_tried_once_and_the_others_complete(mana: Mana, tmp_path: Path) -> None:
+    locked = await mana.add_persona("wrongseed", wrongSeed=True)
+    settings = mana.settings(tmp_path)
+    report = await _once(settings)
+    await _once(settings)  # a second run must not try again: the tick is closed for its window
+    logins = [entry["outcome"] for entry in await mana.get("logins") if entry["email"] == locked["email"]]
+    assert logins == ["INVALID_CREDENTIALS"]
+    rows = [a for a in await mana.get("actions") if a["personaId"] == locked["userId"]]
+    assert [(r["toolName"], r["result"]) for r in rows] == [(TICK_ROW, "error")]
+    assert "INVALID_CREDENTIALS" in rows[0]["errorMessage"]
+    others = {a["personaId"] for a in await mana.get("actions")} - {locked["userId"]}
+    assert len(others) == len(report.ticks) - 1 == 10
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [({"noPersonalSpace": True}, "no personal space"), ({"noAccessToken": True}, "no accessToken")],
+)
+async def test_login_without_jwt_or_personal_space_is_an_error_row_not_a_guess(
+    mana: Mana, tmp_path: Path, options: dict[str, bool], reason: str
+) -> None:
+    persona = await mana.add_persona("odd", **options)
+    await _once(mana.settings(tmp_path))
+    rows = [a for a in await mana.get("actions") if a["personaId"] == persona["userId"]]
+    assert [(r["toolName"], r["result"]) for r in rows] == [(TICK_ROW, "error")]
+    assert reason in rows[0]["errorMessage"]
+    assert not [c for c in await mana.get("mcp-calls") if c["userId"] == persona["userId"]]
+
+
+async def test_503s_on_the_rows_routes_still_land_every_row_exactly_once(mana: Mana, tmp_path: Path) -> None:
+    # More failures than one delivery's retries: some batches wait for a later sweep or run.
+    await mana.post("faults", {"route": "actions", "status": 503, "count": 7})
+    await mana.post("faults", {"route": "feedback", "status": 503, "count": 4, "retryAfter": 0})
+    settings = mana.settings(tmp_path, mana_retry_attempts=3)
+    first = await _once(settings)
+    second = await _once(settings)
+    assert second.backlog == 0 and second.ticks == []
+    actions, calls = await mana.get("actions"), await mana.get("mcp-calls")
+    assert _rows_by_user(actions) == _calls_by_user(calls)
+    per_tick = Counter(a["tickId"] for a in actions)
+    async with open_runtime(settings) as runtime:
+        summaries = await runtime.journal.summaries([t for _, t in first.ticks])
+    for tick, summary in summaries.items():
+        assert per_tick[tick] == summary.ok + summary.errors  # none lost, none doubled by a re-split
+    feedback = await mana.get("feedback")
+    assert {f["tickId"] for f in feedback} == {t for _, t in first.ticks}
+
+
+async def test_a_due_outage_fails_the_poll_with_a_clear_error(mana: Mana, tmp_path: Path) -> None:
+    from runner.scheduler import PollError
+
+    await mana.post("faults", {"route": "due", "status": 503, "count": 2})
+    with pytest.raises(PollError, match="503"):
+        await _once(mana.settings(tmp_path, mana_retry_attempts=2))
+    with pytest.raises(PollError, match="401"):
+        await _once(mana.settings(tmp_path, mana_service_key="wrong-key"))
+
+
+class _SlowSecondTurn:
+    """A provider that dawdles before its second turn, long enough for the JWT to expire."""
+
+    def __init__(self, pause_s: float) -> None:
+        self._pause_s = pause_s
+
+    async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
+        turns = sum(1 for e in transcript if isinstance(e, Turn))
+        if turns >= 2:
+            return Turn(text="Fertig.", calls=[])
+        if turns == 1:
+            await asyncio.sleep(self._pause_s)
+        return Turn(text="", calls=[ToolCall(f"c{turns}", "todo.create", {"title": f"Aufgabe {turns}"})])
+
+    async def rate(self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]) -> RatingReply:
+        return RatingReply({"ratings": [{"module": m, "rating": 4, "notes": "ok"} for m in modules]}, "")
+
+
+async def test_an_expired_jwt_mid_tick_is_renewed_once_and_the_day_goes_on(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    import httpx
+
+    config = SandboxConfig(db_path=str(tmp_path / "sb.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, jwt_ttl_s=2)
+    async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url) as control:
+        world = Mana(sandbox, config, control)
+        await world.post("clock", {"now": "2026-11-25T09:30:00+00:00"})
+        settings = world.settings(tmp_path, persona_concurrency=10)
+        async with open_runtime(settings) as runtime:
+            deps = replace(runtime.tick_deps, make_provider=lambda p, t: _SlowSecondTurn(2.5))
+            object.__setattr__(runtime, "tick_deps", deps)
+            report = await run_once(runtime)
+        assert report.backlog == 0
+        actions = await world.get("actions")
+        assert [a["result"] for a in actions if a["toolName"] == "todo.create"] == ["ok"] * 2 * len(report.ticks)
+        persona_emails = {p.email for p, _ in report.ticks}
+        logins = Counter(e["email"] for e in await world.get("logins") if e["outcome"] == "OK")
+        assert all(logins[email] == 2 for email in persona_emails)  # the first login and one renewal
+
+
+async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_api(
+    mana: Mana, tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.fail_next(status=429, count=2, retry_after=0.01)
+    fake_anthropic.fail_next(status=529, count=1, retry_after=0.01)
+    settings = mana.settings(
+        tmp_path,
+        llm_provider="anthropic",
+        anthropic_base_url=fake_anthropic.base_url,
+        anthropic_api_key="test-anthropic-key",
+        anthropic_max_retries=3,
+    )
+    report = await _once(settings)
+    assert report.backlog == 0 and len(report.ticks) == 10
+    ok = [x for x in fake_anthropic.exchanges if x.status == 200]
+    assert len([x for x in fake_anthropic.exchanges if x.status != 200]) == 3  # overloads were retried by the SDK
+    offered = {t["name"] for x in ok for t in x.body["tools"]}
+    assert "todo_create" in offered and not {"todo_delete", "notes_delete", "habits_archive", "todo_bulkImport"} & offered
+    assert all(x.body["system"][0].get("cache_control") for x in ok)
+    ratings = [x for x in ok if x.body.get("tool_choice", {}).get("type") == "tool"]
+    # The play tools are one cached prefix, shared by the rating request (its tool comes after).
+    assert all(x.body["tools"][-1].get("cache_control") for x in ok if x not in ratings)
+    assert all(x.body["tools"][-2].get("cache_control") and x.body["tools"][-1]["name"] == "submit_ratings" for x in ratings)
+    assert len(ratings) == 10
+    # The action rows carry the MCP names and the hash of exactly what the model sent.
+    sent = Counter(
+        (b["name"].replace("_", ".", 1), input_hash(b["input"]))
+        for x in ok
+        for b in x.response["content"]
+        if b["type"] == "tool_use" and b["name"] != "submit_ratings"
+    )
+    landed = Counter((a["toolName"], a["inputHash"]) for a in await mana.get("actions") if a["toolName"] != TICK_ROW)
+    assert landed == sent
+    assert len(await mana.get("feedback")) >= 10
+
+
+async def test_invented_tools_and_prose_ratings_are_recorded_not_lost(
+    mana: Mana, tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    def brain(body: dict[str, Any]) -> Any:
+        if body.get("tool_choice", {}).get("type") == "tool":
+            return [{"type": "text", "text": "Ich gebe allem fünf Sterne!"}], "end_turn"
+        if len(body["messages"]) == 1:
+            return [{"type": "tool_use", "id": "toolu_x1", "name": "calendar_create", "input": {"when": "morgen"}},
+                    {"type": "tool_use", "id": "toolu_x2", "name": "todo_create", "input": {"title": "Zahnarzt"}}], "tool_use"  # fmt: skip
+        return default_brain({**body, "tools": []})
+
+    fake_anthropic.brain = brain
+    persona = await mana.add_persona("inventor")
+    await mana.post("clock", {"now": "2026-11-29T09:30:00+00:00"})  # a Sunday: only daily/hourly personas
+    settings = mana.settings(tmp_path, llm_provider="anthropic", anthropic_base_url=fake_anthropic.base_url, anthropic_api_key="k-test")
+    await _once(settings)
+    rows = [a for a in await mana.get("actions") if a["personaId"] == persona["userId"]]
+    assert [(r["toolName"], r["result"]) for r in rows] == [("calendar_create", "error"), ("todo.create", "ok")]
+    calls = [c["tool"] for c in await mana.get("mcp-calls") if c["userId"] == persona["userId"]]
+    assert calls == ["todo.create"]  # the invented tool never reached Mana
+    feedback = [f for f in await mana.get("feedback") if f["personaId"] == persona["userId"]]
+    assert [(f["module"], f["rating"], f["notes"]) for f in feedback] == [("__parse", 3, "Ich gebe allem fünf Sterne!")]

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     persona_language: Literal["de", "en"] = "de"
 
     persona_seed_secret: SecretStr = SecretStr(DEV_SEED_SECRET)
-    tick_interval_ms: int = Field(default=60_000, ge=1_000)
+    tick_interval_ms: int = Field(default=60_000, ge=100)
     persona_concurrency: int = Field(default=2, ge=1, le=256)
     persona_max_turns: int = Field(default=15, ge=1, le=100)
     persona_tick_timeout_s: float = Field(default=600, gt=0)

@@ -1,0 +1,240 @@
+"""The daemon as a real process against the sandbox as a real process: windows, outages,
+SIGKILL and restart, SIGTERM drain, pause, metrics and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import WEEKDAY
+from fake_anthropic import FakeAnthropic, default_brain
+from prometheus_client.parser import text_string_to_metric_families
+from procs import RunnerProcess, SandboxProcess, runner_env, start_runner, start_sandbox
+
+from runner.persona import TICK_ROW, derive_password, input_hash
+
+SEED = "daemon-seed-secret-4711"
+KEY = "daemon-service-key-0815"
+ANTHROPIC_KEY = "daemon-anthropic-key-4242"
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Any:
+    sb = start_sandbox(tmp_path, seed_secret=SEED, service_key=KEY)
+    sb.post("clock", {"now": WEEKDAY})
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture
+async def runners(tmp_path: Path) -> AsyncIterator[list[RunnerProcess]]:
+    started: list[RunnerProcess] = []
+    yield started
+    for runner in started:
+        if runner.proc.poll() is None:
+            runner.kill()
+
+
+async def until(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """Poll without blocking the event loop the fake Messages API lives in."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def metrics(runner: RunnerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{runner.url}/metrics", timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric_sum(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in values.items() if n == name and all((k, lv) in ls for k, lv in labels.items()))
+
+
+def catalog(sandbox: SandboxProcess) -> list[dict[str, Any]]:
+    return list(sandbox.get("personas"))
+
+
+def all_delivered(sandbox: SandboxProcess, expected: int) -> bool:
+    return len({a["personaId"] for a in sandbox.get("actions")}) >= expected
+
+
+def anthropic_env(fake: FakeAnthropic) -> dict[str, str]:
+    return {"LLM_PROVIDER": "anthropic", "ANTHROPIC_BASE_URL": fake.base_url, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
+
+
+def slow_brain(delay_s: float) -> Callable[[dict[str, Any]], Any]:
+    async def brain(body: dict[str, Any]) -> Any:
+        await asyncio.sleep(delay_s)
+        return default_brain(body)
+
+    return brain
+
+
+def calls_vs_rows(sandbox: SandboxProcess) -> tuple[dict[str, Counter[tuple[str, str]]], dict[str, Counter[tuple[str, str]]], list[dict[str, Any]]]:
+    calls: dict[str, Counter[tuple[str, str]]] = {}
+    for c in sandbox.get("mcp-calls"):
+        calls.setdefault(c["userId"], Counter())[(c["tool"], input_hash(c["arguments"]))] += 1
+    actions = sandbox.get("actions")
+    rows: dict[str, Counter[tuple[str, str]]] = {}
+    for a in actions:
+        if a["toolName"] != TICK_ROW:
+            rows.setdefault(a["personaId"], Counter())[(a["toolName"], a["inputHash"])] += 1
+    return calls, rows, actions
+
+
+async def test_a_quiet_persona_runs_once_per_window_not_once_per_poll(
+    sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.brain = lambda body: ([{"type": "text", "text": "Heute mache ich nichts."}], "end_turn")
+    sticky = sandbox.post("personas", {"name": "sticky", "archetype": "t", "systemPrompt": "", "moduleMix": {"todo": 1},
+                                       "tickCadence": "hourly", "options": {"alwaysDue": True}})  # fmt: skip
+    env = runner_env(sandbox, tmp_path / "runner.db", TICK_INTERVAL_MS="400", **anthropic_env(fake_anthropic))
+    runner = start_runner(env, tmp_path / "runner.log")
+    runners.append(runner)
+    await asyncio.to_thread(runner.wait_healthy)
+    await until(lambda: metric_sum(metrics(runner), "persona_polls_total", result="ok") >= 5, what="5 polls")
+    actions = sandbox.get("actions")
+    assert Counter(a["personaId"] for a in actions)[sticky["userId"]] == 1
+    assert all((a["toolName"], a["result"]) == (TICK_ROW, "ok") for a in actions)
+    assert len(actions) == len(catalog(sandbox))  # one quiet-day row per persona, however often polled
+    assert len(fake_anthropic.requests) == len(actions)  # one model turn each: no rating without tools
+    assert any(p["userId"] == sticky["userId"] for p in httpx.get(
+        f"{sandbox.api_url}/api/v1/personas/internal/due", headers={"X-Service-Key": KEY}).json()["personas"])  # fmt: skip
+    assert runner.terminate() == 0
+
+
+async def test_an_outage_of_three_failures_on_each_route_loses_and_doubles_nothing(
+    sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path
+) -> None:
+    for route in ("due", "login", "organizations", "mcp", "actions", "feedback"):
+        sandbox.post("faults", {"route": route, "status": 503, "count": 3})
+    runner = start_runner(runner_env(sandbox, tmp_path / "runner.db", MANA_RETRY_ATTEMPTS="2"), tmp_path / "runner.log")
+    runners.append(runner)
+    expected = len(catalog(sandbox))
+    await until(lambda: all_delivered(sandbox, expected) and metric_sum(metrics(runner), "persona_outbox_backlog") == 0,
+                timeout=90, what="every persona delivered")  # fmt: skip
+    calls, rows, actions = calls_vs_rows(sandbox)
+    assert rows == calls
+    for persona_id in {a["personaId"] for a in actions}:
+        assert len({a["tickId"] for a in actions if a["personaId"] == persona_id}) == 1
+    assert metric_sum(metrics(runner), "persona_errors_total") > 0  # the outage was seen, and survived
+    assert runner.terminate() == 0
+
+
+async def test_sigkill_mid_tick_then_restart_records_every_call_once_and_replays_no_day(
+    sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.brain = slow_brain(0.3)
+    env = runner_env(sandbox, tmp_path / "runner.db", **anthropic_env(fake_anthropic))
+    first = start_runner(env, tmp_path / "runner.log")
+    runners.append(first)
+    await until(lambda: len(sandbox.get("mcp-calls")) >= 3, what="tool calls under way")
+    first.proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(first.proc.wait)
+    killed_at_calls = len(sandbox.get("mcp-calls"))
+
+    second = start_runner(env, tmp_path / "runner.log")
+    runners.append(second)
+    expected = len(catalog(sandbox))
+    await until(lambda: all_delivered(sandbox, expected) and metric_sum(metrics(second), "persona_outbox_backlog") == 0,
+                timeout=90, what="every persona delivered after restart")  # fmt: skip
+    calls, rows, actions = calls_vs_rows(sandbox)
+    for user, made in calls.items():
+        assert not made - rows.get(user, Counter()), f"a call that reached Mana has no row: {user}"
+        extra = rows.get(user, Counter()) - made
+        unknown = [a for a in actions if a["personaId"] == user and "outcome unknown" in (a["errorMessage"] or "")]
+        assert sum(extra.values()) <= len(unknown)  # only calls cut before they were sent may lack a server trace
+    for persona_id in {a["personaId"] for a in actions}:
+        assert len({a["tickId"] for a in actions if a["personaId"] == persona_id}) == 1
+    per_user_calls = Counter(c["userId"] for c in sandbox.get("mcp-calls"))
+    assert max(per_user_calls.values()) <= 4  # the brain's day is 2 turns of 2 calls: nobody played twice
+    interrupted = [a for a in actions if a["toolName"] == TICK_ROW and "interrupted" in (a["errorMessage"] or "")]
+    assert interrupted and killed_at_calls >= 3
+    assert second.terminate() == 0
+
+
+async def test_sigterm_drains_cuts_at_the_deadline_and_exits_zero(
+    sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.brain = slow_brain(1.5)
+    env = runner_env(sandbox, tmp_path / "runner.db", DRAIN_TIMEOUT_S="1", **anthropic_env(fake_anthropic))
+    runner = start_runner(env, tmp_path / "runner.log")
+    runners.append(runner)
+    await until(lambda: len(sandbox.get("mcp-calls")) >= 1, what="a tick under way")
+    started = time.monotonic()
+    code = await asyncio.to_thread(runner.terminate, 30)
+    elapsed = time.monotonic() - started
+    assert code == 0
+    assert elapsed < 1 + 10 + 3  # drain deadline + final flush bound + process start-up slack
+    # What the cut ticks did was flushed before exit: every call that reached Mana has its row.
+    calls, rows, actions = calls_vs_rows(sandbox)
+    for user, made in calls.items():
+        assert not made - rows.get(user, Counter())
+    assert any("runner shut down" in (a["errorMessage"] or "") for a in actions)
+    assert "drain deadline reached" in runner.logs()
+
+
+async def test_pause_and_resume_by_signal_keep_health_green(
+    sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path
+) -> None:
+    runner = start_runner(runner_env(sandbox, tmp_path / "runner.db", RUNNER_PAUSED="true", TICK_INTERVAL_MS="300"), tmp_path / "runner.log")
+    runners.append(runner)
+    health = await asyncio.to_thread(runner.wait_healthy)
+    assert health["paused"] is True
+    await asyncio.sleep(1.5)
+    assert sandbox.get("actions") == [] and sandbox.get("logins") == []
+    runner.proc.send_signal(signal.SIGUSR2)
+    await until(lambda: all_delivered(sandbox, len(catalog(sandbox))), what="ticks after resume")
+    assert httpx.get(f"{runner.url}/health").json()["paused"] is False
+    runner.proc.send_signal(signal.SIGUSR1)
+    await until(lambda: httpx.get(f"{runner.url}/health").json()["paused"] is True, what="paused again")
+    assert runner.terminate() == 0
+
+
+async def test_metrics_match_the_rows_and_no_secret_reaches_any_output(
+    sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    env = runner_env(sandbox, tmp_path / "runner.db", **anthropic_env(fake_anthropic))
+    runner = start_runner(env, tmp_path / "runner.log")
+    runners.append(runner)
+    await asyncio.to_thread(runner.wait_healthy)
+    assert httpx.get(f"{runner.url}/ready", timeout=10).status_code == 200
+    people = catalog(sandbox)
+    await until(lambda: all_delivered(sandbox, len(people)) and metric_sum(metrics(runner), "persona_outbox_backlog") == 0
+                and metric_sum(metrics(runner), "persona_ticks_in_flight") == 0, what="a full round")  # fmt: skip
+    diag = httpx.get(f"{runner.url}/diag/login", params={"email": people[0]["email"]}, timeout=10)
+    assert diag.status_code == 200 and diag.json()["ok"] is True
+
+    values = metrics(runner)
+    actions, feedback, calls = sandbox.get("actions"), sandbox.get("feedback"), sandbox.get("mcp-calls")
+    assert metric_sum(values, "persona_rows_delivered_total", kind="actions") == len(actions)
+    assert metric_sum(values, "persona_rows_delivered_total", kind="feedback") == len(feedback)
+    assert metric_sum(values, "persona_tool_calls_total") == len(calls)
+    assert metric_sum(values, "persona_tool_calls_total", result="error") == sum(1 for c in calls if c["isError"])
+    assert metric_sum(values, "persona_ticks_total", outcome="ok") == len(people)
+    assert metric_sum(values, "persona_llm_tokens_total", kind="input") > 0
+    assert runner.terminate() == 0
+
+    output = runner.logs() + diag.text
+    secrets = [SEED, KEY, ANTHROPIC_KEY] + [derive_password(SEED, p["email"]) for p in people]
+    leaked = [s for s in secrets if s in output]
+    assert not leaked
+    assert not re.search(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.", output), "a JWT reached the logs"
+    assert '"tick_id"' in output and '"stage"' in output and '"persona"' in output  # tick lines carry their context

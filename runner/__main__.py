@@ -11,7 +11,7 @@ import asyncio
 import os
 import sys
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,10 @@ async def _demo() -> int:
                 log.register_secret(secret)
             print(f"sandbox up: auth {sandbox.auth_url}, api {sandbox.api_url}, mcp {sandbox.mcp_url}", file=sys.stderr)
             await _weekday_clock(sandbox.api_url)
-            print(f"provider: {'Claude (' + settings.anthropic_model + ')' if use_claude else 'scripted (offline)'}", file=sys.stderr)
+            print(
+                f"provider: {'Claude (' + settings.anthropic_model + ')' if use_claude else 'scripted (offline)'}",
+                file=sys.stderr,
+            )
             async with open_runtime(settings) as runtime:
                 report = await run_once(runtime)
                 summaries = await runtime.journal.summaries([t for _, t in report.ticks])
@@ -157,7 +160,7 @@ async def _weekday_clock(api_url: str) -> None:
     """`weekdays` personas rest on weekends; the demo moves the sandbox's clock to Monday so all play."""
     import httpx
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if now.weekday() < 5:
         return
     monday = now + timedelta(days=7 - now.weekday())

@@ -140,9 +140,14 @@ class Journal:
                 await self._supersede_retries(conn, persona_id, tick_id, now)
                 await conn.execute(
                     ticks.insert().values(
-                        tick_id=tick_id, persona_id=persona_id, window=window, state="running",
-                        attempts=1, created_at=now, updated_at=now,
-                    )  # fmt: skip
+                        tick_id=tick_id,
+                        persona_id=persona_id,
+                        window=window,
+                        state="running",
+                        attempts=1,
+                        created_at=now,
+                        updated_at=now,
+                    )
                 )
                 return Claim(tick_id, 1)
             if row["state"] != "retry" or (row["next_attempt_at"] or 0) > now:
@@ -222,16 +227,22 @@ class Journal:
                 result="ok" if r.status == "ok" else "error",
                 input_hash=r.input_hash,
                 # A pending call may or may not have reached mana-mcp: say so rather than guess.
-                error_message=r.error_message if r.status != "pending" else "outcome unknown: runner stopped during the call",
+                error_message=r.error_message
+                if r.status != "pending"
+                else "outcome unknown: runner stopped during the call",
                 latency_ms=r.latency_ms,
             )
-            for r in (await conn.execute(sa.select(calls).where(calls.c.tick_id == tick_id).order_by(calls.c.seq))).all()
+            for r in (
+                await conn.execute(sa.select(calls).where(calls.c.tick_id == tick_id).order_by(calls.c.seq))
+            ).all()
         ]
         if tick_row is not None:
             action_rows.append(tick_row)
         feedback_rows = [
             FeedbackRow(r.module, r.rating, r.notes)
-            for r in (await conn.execute(sa.select(ratings).where(ratings.c.tick_id == tick_id).order_by(ratings.c.module))).all()
+            for r in (
+                await conn.execute(sa.select(ratings).where(ratings.c.tick_id == tick_id).order_by(ratings.c.module))
+            ).all()
         ]
         # The API ids a row by its index in the request, so a tick's actions must travel as
         # ONE batch forever: the loop caps calls per tick far below the 500-row limit.
@@ -246,9 +257,15 @@ class Journal:
             body = json.dumps({kind: rows}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             await conn.execute(
                 batches.insert().values(
-                    tick_id=tick_id, persona_id=tick["persona_id"], kind=kind, body=body,
-                    rows=len(rows), state="pending", attempts=0, created_at=now,
-                )  # fmt: skip
+                    tick_id=tick_id,
+                    persona_id=tick["persona_id"],
+                    kind=kind,
+                    body=body,
+                    rows=len(rows),
+                    state="pending",
+                    attempts=0,
+                    created_at=now,
+                )
             )
         await conn.execute(
             ticks.update().where(ticks.c.tick_id == tick_id).values(state="sealed", outcome=outcome, updated_at=now)
@@ -265,10 +282,16 @@ class Journal:
 
     async def pending_batches(self) -> list[Batch]:
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(sa.select(batches).where(batches.c.state == "pending").order_by(batches.c.id))).mappings().all()
+            rows = (
+                (await conn.execute(sa.select(batches).where(batches.c.state == "pending").order_by(batches.c.id)))
+                .mappings()
+                .all()
+            )
         return [Batch(r["id"], r["tick_id"], r["persona_id"], r["kind"], r["body"], r["rows"]) for r in rows]
 
-    async def mark_batch(self, batch_id: int, state: Literal["pending", "delivered", "dead"], error: str | None, now: float) -> None:
+    async def mark_batch(
+        self, batch_id: int, state: Literal["pending", "delivered", "dead"], error: str | None, now: float
+    ) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(
                 batches.update()
@@ -283,7 +306,9 @@ class Journal:
 
     async def backlog(self) -> int:
         async with self._engine.connect() as conn:
-            count = await conn.scalar(sa.select(sa.func.count()).select_from(batches).where(batches.c.state == "pending"))
+            count = await conn.scalar(
+                sa.select(sa.func.count()).select_from(batches).where(batches.c.state == "pending")
+            )
             return int(count or 0)
 
     async def writable(self) -> bool:
@@ -306,9 +331,13 @@ class Journal:
             for tid in tick_ids:
                 outcome = await conn.scalar(sa.select(ticks.c.outcome).where(ticks.c.tick_id == tid))
                 statuses = (await conn.execute(sa.select(calls.c.status).where(calls.c.tick_id == tid))).scalars().all()
-                rated = (await conn.execute(
-                    sa.select(ratings.c.module, ratings.c.rating).where(ratings.c.tick_id == tid).order_by(ratings.c.module)
-                )).all()  # fmt: skip
+                rated = (
+                    await conn.execute(
+                        sa.select(ratings.c.module, ratings.c.rating)
+                        .where(ratings.c.tick_id == tid)
+                        .order_by(ratings.c.module)
+                    )
+                ).all()
                 out[tid] = TickSummary(
                     outcome=outcome or "open",
                     ok=statuses.count("ok"),

@@ -8,7 +8,9 @@ REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 
 TICKS = Counter("persona_ticks_total", "Ticks by how they ended.", ["outcome"], registry=REGISTRY)
-TOOL_CALLS = Counter("persona_tool_calls_total", "MCP tool calls by tool and result.", ["tool", "result"], registry=REGISTRY)
+TOOL_CALLS = Counter(
+    "persona_tool_calls_total", "MCP tool calls by tool and result.", ["tool", "result"], registry=REGISTRY
+)
 ERRORS = Counter("persona_errors_total", "Failures by the stage they happened in.", ["stage"], registry=REGISTRY)
 TICK_DURATION = Histogram(
     "persona_tick_duration_seconds",
@@ -25,7 +27,9 @@ TOOL_LATENCY = Histogram(
 )
 LLM_TOKENS = Counter("persona_llm_tokens_total", "Model tokens by kind.", ["kind"], registry=REGISTRY)
 ROWS_DELIVERED = Counter("persona_rows_delivered_total", "Rows the API accepted, by kind.", ["kind"], registry=REGISTRY)
-BATCHES_DEAD = Counter("persona_batches_dead_total", "Batches the API refused for good (400/404).", ["kind"], registry=REGISTRY)
+BATCHES_DEAD = Counter(
+    "persona_batches_dead_total", "Batches the API refused for good (400/404).", ["kind"], registry=REGISTRY
+)
 POLLS = Counter("persona_polls_total", "GET /due polls by result.", ["result"], registry=REGISTRY)
 OUTBOX_BACKLOG = Gauge("persona_outbox_backlog", "Batches recorded but not yet accepted by the API.", registry=REGISTRY)
 IN_FLIGHT = Gauge("persona_ticks_in_flight", "Ticks running now.", registry=REGISTRY)

@@ -14,9 +14,9 @@ import json
 import math
 import re
 import uuid
-from decimal import Decimal
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -93,7 +93,7 @@ def module_of(tool_name: str) -> str:
 
 def tick_window(cadence: Cadence, at: datetime) -> str:
     """The cadence window a moment falls in: the UTC hour for hourly, the UTC day otherwise."""
-    utc = at.astimezone(timezone.utc)
+    utc = at.astimezone(UTC)
     return utc.strftime("%Y-%m-%dT%H") if cadence == "hourly" else utc.strftime("%Y-%m-%d")
 
 

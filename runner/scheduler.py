@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 from anthropic import AsyncAnthropic
@@ -142,10 +143,13 @@ class Dispatcher:
                 continue
             task = asyncio.create_task(self._run(persona, due.server_time), name=f"tick:{persona.user_id}")
             self._in_flight[persona.user_id] = task
-            task.add_done_callback(lambda _, pid=persona.user_id: self._in_flight.pop(pid, None))
+            task.add_done_callback(functools.partial(self._forget, persona.user_id))
             started += 1
         log.info("polled", due=len(due.personas), started=started, in_flight=len(self._in_flight))
         return started
+
+    def _forget(self, persona_id: str, _: asyncio.Task[None]) -> None:
+        self._in_flight.pop(persona_id, None)
 
     async def poll_and_deliver(self) -> None:
         """The scheduled job: never raises, so one bad poll does not stop the schedule."""
@@ -232,7 +236,7 @@ async def serve(runtime: Runtime) -> None:
     loop.add_signal_handler(signal.SIGUSR2, dispatcher.set_paused, False)
 
     http = await start_http(runtime, dispatcher)
-    scheduler = AsyncIOScheduler(timezone=timezone.utc)
+    scheduler = AsyncIOScheduler(timezone=UTC)
     # max_instances=1: a slow poll is skipped over, never overlapped; coalesce: no catch-up bursts.
     scheduler.add_job(
         dispatcher.poll_and_deliver,
@@ -240,7 +244,7 @@ async def serve(runtime: Runtime) -> None:
         seconds=settings.tick_interval_ms / 1000,
         max_instances=1,
         coalesce=True,
-        next_run_time=datetime.now(timezone.utc),
+        next_run_time=datetime.now(UTC),
     )
     scheduler.start()
     log.info(

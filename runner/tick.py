@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import structlog
@@ -118,7 +118,7 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         offered = [s for s in specs if not s.destructive]  # never hand the model a destructive tool
         tools = [ToolDef(s.name, s.description, s.input_schema) for s in offered]
         modules = liked_modules(persona.module_mix, {module_of(s.name) for s in offered})
-        system = system_prompt(persona.system_prompt, modules, datetime.now(timezone.utc).date(), config.language)
+        system = system_prompt(persona.system_prompt, modules, datetime.now(UTC).date(), config.language)
         provider = deps.make_provider(persona, claim.tick_id)
         call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered)
 
@@ -183,9 +183,13 @@ class _JournaledCalls:
         return ToolResult(call.id, text, not ok)
 
 
-async def _fail(deps: TickDeps, claim: Claim, progress: _Progress, outcome: Outcome, reason: str, started: float) -> Outcome:
+async def _fail(
+    deps: TickDeps, claim: Claim, progress: _Progress, outcome: Outcome, reason: str, started: float
+) -> Outcome:
     metrics_usage(progress.play)
-    await deps.journal.seal(claim.tick_id, outcome, ActionRow(TICK_ROW, "error", error_message=reason[:500]), time.time())
+    await deps.journal.seal(
+        claim.tick_id, outcome, ActionRow(TICK_ROW, "error", error_message=reason[:500]), time.time()
+    )
     log.warning("tick ended with an error", outcome=outcome, error=reason, calls=progress.play.calls)
     return _finish(outcome, started)
 
@@ -210,4 +214,3 @@ def _stage(progress: _Progress, stage: str) -> None:
 
 def _short(text: str) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else "error"
-

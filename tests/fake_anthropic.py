@@ -57,9 +57,23 @@ MAX_CACHE_BREAKPOINTS = 4
 # messages.create() builds). Anything else is refused, as the real API does.
 ALLOWED_FIELDS = frozenset(
     {
-        "model", "max_tokens", "messages", "system", "tools", "tool_choice", "cache_control",
-        "container", "diagnostics", "inference_geo", "metadata", "output_config",
-        "service_tier", "speed", "stop_sequences", "stream", "thinking",
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "cache_control",
+        "container",
+        "diagnostics",
+        "inference_geo",
+        "metadata",
+        "output_config",
+        "service_tier",
+        "speed",
+        "stop_sequences",
+        "stream",
+        "thinking",
     }
 )
 USER_BLOCKS = frozenset({"text", "image", "document", "search_result", "tool_result"})
@@ -292,8 +306,10 @@ def _validate_messages(messages: Any) -> None:
         else:
             raise InvalidRequest(f"messages.{i}.content: Input should be a valid string or list")
         if is_last_assistant:
-            text = content if isinstance(content, str) else "".join(
-                b.get("text", "") for b in content if b.get("type") == "text"
+            text = (
+                content
+                if isinstance(content, str)
+                else "".join(b.get("text", "") for b in content if b.get("type") == "text")
             )
             if text != text.rstrip():
                 raise InvalidRequest("messages: final assistant content cannot end with trailing whitespace")
@@ -399,18 +415,19 @@ def sample_from_schema(schema: Any, name: str = "") -> Any:
     if kind == "object":
         props: dict[str, Any] = schema.get("properties") or {}
         required = schema.get("required")
-        wanted = [
-            p for p in props
-            if required is None or p in required or re.search(r"note|comment|feedback", p, re.I)
-        ]
+        wanted = [p for p in props if required is None or p in required or re.search(r"note|comment|feedback", p, re.I)]
         return {p: sample_from_schema(props[p], p) for p in wanted}
     if kind == "array":
         items = schema.get("items") or {}
         out: list[Any] = []
-        enum_prop = next(
-            (p for p, s in (items.get("properties") or {}).items() if isinstance(s, dict) and s.get("enum")),
-            None,
-        ) if isinstance(items, dict) and items.get("type", "object") == "object" else None
+        enum_prop = (
+            next(
+                (p for p, s in (items.get("properties") or {}).items() if isinstance(s, dict) and s.get("enum")),
+                None,
+            )
+            if isinstance(items, dict) and items.get("type", "object") == "object"
+            else None
+        )
         if enum_prop:
             for value in items["properties"][enum_prop]["enum"]:
                 item = sample_from_schema(items, name)
@@ -447,8 +464,10 @@ def sample_from_schema(schema: Any, name: str = "") -> Any:
         "uuid": "00000000-0000-4000-8000-000000000000",
     }.get(fmt or "")
     if text is None:
-        text = "Passt soweit, alles verständlich." if re.search(r"note|comment|feedback", name, re.I) else (
-            f"Beispiel {name}".strip() if name else "ok"
+        text = (
+            "Passt soweit, alles verständlich."
+            if re.search(r"note|comment|feedback", name, re.I)
+            else (f"Beispiel {name}".strip() if name else "ok")
         )
     text = text.ljust(schema.get("minLength", 0), ".")
     return text[: schema["maxLength"]] if "maxLength" in schema else text
@@ -460,8 +479,7 @@ def default_brain(body: dict[str, Any]) -> tuple[list[Block], str]:
     choice: dict[str, Any] = body.get("tool_choice") or {"type": "auto"}
     messages: list[dict[str, Any]] = body["messages"]
     tool_turns = sum(
-        1 for m in messages
-        if m["role"] == "assistant" and any(b.get("type") == "tool_use" for b in _blocks(m))
+        1 for m in messages if m["role"] == "assistant" and any(b.get("type") == "tool_use" for b in _blocks(m))
     )
 
     def use(tool: dict[str, Any]) -> Block:
@@ -498,8 +516,10 @@ def _tokens(obj: Any) -> int:
 
 def _output_tokens(blocks: list[Block]) -> int:
     # What the model generates: the text and the tool names/inputs, not the JSON envelope.
-    parts = [b.get("text", "") if b.get("type") == "text" else b.get("name", "") + json.dumps(b.get("input", {}))
-             for b in blocks]
+    parts = [
+        b.get("text", "") if b.get("type") == "text" else b.get("name", "") + json.dumps(b.get("input", {}))
+        for b in blocks
+    ]
     return max(1, math.ceil(len("".join(parts)) / 4))
 
 
@@ -617,8 +637,14 @@ class FakeAnthropic:
 
     # ----------------------------------------------------------------- handlers
 
-    def _reply(self, body: Any, headers: dict[str, str], status: int, payload: dict[str, Any],
-               extra_headers: dict[str, str] | None = None) -> JSONResponse:
+    def _reply(
+        self,
+        body: Any,
+        headers: dict[str, str],
+        status: int,
+        payload: dict[str, Any],
+        extra_headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
         request_id = "req_" + secrets.token_hex(12)
         if status != 200:
             payload = {**payload, "request_id": request_id}
@@ -658,7 +684,9 @@ class FakeAnthropic:
         if "anthropic-version" not in headers:
             return self._reply(body, headers, 400, self._error(400, "anthropic-version: header is required"))
         if body is None:
-            return self._reply(body, headers, 400, self._error(400, "There was an error parsing the body: invalid JSON"))
+            return self._reply(
+                body, headers, 400, self._error(400, "There was an error parsing the body: invalid JSON")
+            )
         try:
             validate_request(body)
         except InvalidRequest as e:
@@ -669,10 +697,13 @@ class FakeAnthropic:
             if inspect.isawaitable(reply):
                 reply = await reply
         except Exception as e:  # surface brain bugs, and stop the SDK from retrying them
-            return self._reply(body, headers, 500, self._error(500, f"fake brain raised {e!r}"),
-                               {"x-should-retry": "false"})
-        blocks, stop_reason = reply if isinstance(reply, tuple) else (
-            reply, "tool_use" if any(b.get("type") == "tool_use" for b in reply) else "end_turn"
+            return self._reply(
+                body, headers, 500, self._error(500, f"fake brain raised {e!r}"), {"x-should-retry": "false"}
+            )
+        blocks, stop_reason = (
+            reply
+            if isinstance(reply, tuple)
+            else (reply, "tool_use" if any(b.get("type") == "tool_use" for b in reply) else "end_turn")
         )
         blocks = [dict(b) for b in blocks]  # the brain may reuse its lists; don't write into them
         for blk in blocks:
@@ -715,7 +746,9 @@ class FakeAnthropic:
             for b in _blocks(m):
                 # A breakpoint inside a tool_result's content marks the enclosing block.
                 inner = b.get("content") if b.get("type") == "tool_result" else None
-                nested = [s.get("cache_control") for s in inner if isinstance(s, dict)] if isinstance(inner, list) else []
+                nested = (
+                    [s.get("cache_control") for s in inner if isinstance(s, dict)] if isinstance(inner, list) else []
+                )
                 cc = b.get("cache_control") or next((c for c in nested if c), None)
                 segments.append(((m["role"], _strip_cc(b)), cc))
         if body.get("cache_control") and segments:
@@ -728,7 +761,9 @@ class FakeAnthropic:
         ttl = "5m"
         if breakpoints:
             keys = {
-                i: hashlib.sha256(json.dumps([body["model"], [s for s, _ in segments[: i + 1]]], sort_keys=True).encode()).hexdigest()
+                i: hashlib.sha256(
+                    json.dumps([body["model"], [s for s, _ in segments[: i + 1]]], sort_keys=True).encode()
+                ).hexdigest()
                 for i in breakpoints
             }
             hits = [i for i in breakpoints if keys[i] in self._cache]

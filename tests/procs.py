@@ -55,10 +55,28 @@ class SandboxProcess:
 
 def start_sandbox(tmp: Path, *, seed_secret: str, service_key: str, python: str = sys.executable) -> SandboxProcess:
     proc = subprocess.Popen(
-        [python, "-m", "runner.sandbox", "--db", str(tmp / "sandbox.db"), "--auth-port", "0", "--api-port", "0",
-         "--mcp-port", "0", "--seed-secret", seed_secret, "--service-key", service_key],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            python,
+            "-m",
+            "runner.sandbox",
+            "--db",
+            str(tmp / "sandbox.db"),
+            "--auth-port",
+            "0",
+            "--api-port",
+            "0",
+            "--mcp-port",
+            "0",
+            "--seed-secret",
+            seed_secret,
+            "--service-key",
+            service_key,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -105,7 +123,9 @@ class RunnerProcess:
 
 
 def runner_env(sandbox: SandboxProcess, state: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MANA_", "PERSONA_", "ANTHROPIC_", "RUNNER_", "LLM_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MANA_", "PERSONA_", "ANTHROPIC_", "RUNNER_", "LLM_"))
+    }
     env.update(
         MANA_API_URL=sandbox.api_url,
         MANA_AUTH_URL=sandbox.auth_url,
@@ -125,7 +145,14 @@ def runner_env(sandbox: SandboxProcess, state: Path, **extra: str) -> dict[str, 
     return env
 
 
-def start_runner(env: dict[str, str], log_path: Path, *, args: tuple[str, ...] = ("serve",), python: str = sys.executable, cwd: Path = ROOT) -> RunnerProcess:
+def start_runner(
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    args: tuple[str, ...] = ("serve",),
+    python: str = sys.executable,
+    cwd: Path = ROOT,
+) -> RunnerProcess:
     with log_path.open("ab") as log:
         proc = subprocess.Popen([python, "-m", "runner", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return RunnerProcess(proc, int(env["PORT"]), log_path, env)

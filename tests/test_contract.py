@@ -62,7 +62,11 @@ async def test_once_lands_exactly_the_rows_of_what_happened_and_a_rerun_adds_non
 
     again = await _once(settings)
     assert again.ticks == []  # lastActiveAt moved: nobody is due
-    assert (await mana.get("actions"), await mana.get("feedback"), await mana.get("mcp-calls")) == (actions, feedback, calls)
+    assert (await mana.get("actions"), await mana.get("feedback"), await mana.get("mcp-calls")) == (
+        actions,
+        feedback,
+        calls,
+    )
 
 
 async def test_a_persona_done_in_its_window_is_not_played_again_even_if_still_due(mana: Mana, tmp_path: Path) -> None:
@@ -152,7 +156,9 @@ class _SlowSecondTurn:
             await asyncio.sleep(self._pause_s)
         return Turn(text="", calls=[ToolCall(f"c{turns}", "todo.create", {"title": f"Aufgabe {turns}"})])
 
-    async def rate(self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]) -> RatingReply:
+    async def rate(
+        self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]
+    ) -> RatingReply:
         return RatingReply({"ratings": [{"module": m, "rating": 4, "notes": "ok"} for m in modules]}, "")
 
 
@@ -161,7 +167,9 @@ async def test_an_expired_jwt_mid_tick_is_renewed_once_and_the_day_goes_on(tmp_p
 
     import httpx
 
-    config = SandboxConfig(db_path=str(tmp_path / "sb.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, jwt_ttl_s=2)
+    config = SandboxConfig(
+        db_path=str(tmp_path / "sb.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, jwt_ttl_s=2
+    )
     async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url) as control:
         world = Mana(sandbox, config, control)
         await world.post("clock", {"now": "2026-11-25T09:30:00+00:00"})
@@ -195,12 +203,16 @@ async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_
     ok = [x for x in fake_anthropic.exchanges if x.status == 200]
     assert len([x for x in fake_anthropic.exchanges if x.status != 200]) == 3  # overloads were retried by the SDK
     offered = {t["name"] for x in ok for t in x.body["tools"]}
-    assert "todo_create" in offered and not {"todo_delete", "notes_delete", "habits_archive", "todo_bulkImport"} & offered
+    assert (
+        "todo_create" in offered and not {"todo_delete", "notes_delete", "habits_archive", "todo_bulkImport"} & offered
+    )
     assert all(x.body["system"][0].get("cache_control") for x in ok)
     ratings = [x for x in ok if x.body.get("tool_choice", {}).get("type") == "tool"]
     # The play tools are one cached prefix, shared by the rating request (its tool comes after).
     assert all(x.body["tools"][-1].get("cache_control") for x in ok if x not in ratings)
-    assert all(x.body["tools"][-2].get("cache_control") and x.body["tools"][-1]["name"] == "submit_ratings" for x in ratings)
+    assert all(
+        x.body["tools"][-2].get("cache_control") and x.body["tools"][-1]["name"] == "submit_ratings" for x in ratings
+    )
     assert len(ratings) == 10
     # The action rows carry the MCP names and the hash of exactly what the model sent.
     sent = Counter(
@@ -221,14 +233,18 @@ async def test_invented_tools_and_prose_ratings_are_recorded_not_lost(
         if body.get("tool_choice", {}).get("type") == "tool":
             return [{"type": "text", "text": "Ich gebe allem fünf Sterne!"}], "end_turn"
         if len(body["messages"]) == 1:
-            return [{"type": "tool_use", "id": "toolu_x1", "name": "calendar_create", "input": {"when": "morgen"}},
-                    {"type": "tool_use", "id": "toolu_x2", "name": "todo_create", "input": {"title": "Zahnarzt"}}], "tool_use"  # fmt: skip
+            return [
+                {"type": "tool_use", "id": "toolu_x1", "name": "calendar_create", "input": {"when": "morgen"}},
+                {"type": "tool_use", "id": "toolu_x2", "name": "todo_create", "input": {"title": "Zahnarzt"}},
+            ], "tool_use"
         return default_brain({**body, "tools": []})
 
     fake_anthropic.brain = brain
     persona = await mana.add_persona("inventor")
     await mana.post("clock", {"now": "2026-11-29T09:30:00+00:00"})  # a Sunday: only daily/hourly personas
-    settings = mana.settings(tmp_path, llm_provider="anthropic", anthropic_base_url=fake_anthropic.base_url, anthropic_api_key="k-test")
+    settings = mana.settings(
+        tmp_path, llm_provider="anthropic", anthropic_base_url=fake_anthropic.base_url, anthropic_api_key="k-test"
+    )
     await _once(settings)
     rows = [a for a in await mana.get("actions") if a["personaId"] == persona["userId"]]
     assert [(r["toolName"], r["result"]) for r in rows] == [("calendar_create", "error"), ("todo.create", "ok")]

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from conftest import WEEKDAY
 from fake_anthropic import FakeAnthropic, default_brain
-from prometheus_client.parser import text_string_to_metric_families
 from procs import RunnerProcess, SandboxProcess, runner_env, start_runner, start_sandbox
+from prometheus_client.parser import text_string_to_metric_families
 
 from runner.persona import TICK_ROW, derive_password, input_hash
 
@@ -87,7 +87,9 @@ def slow_brain(delay_s: float) -> Callable[[dict[str, Any]], Any]:
     return brain
 
 
-def calls_vs_rows(sandbox: SandboxProcess) -> tuple[dict[str, Counter[tuple[str, str]]], dict[str, Counter[tuple[str, str]]], list[dict[str, Any]]]:
+def calls_vs_rows(
+    sandbox: SandboxProcess,
+) -> tuple[dict[str, Counter[tuple[str, str]]], dict[str, Counter[tuple[str, str]]], list[dict[str, Any]]]:
     calls: dict[str, Counter[tuple[str, str]]] = {}
     for c in sandbox.get("mcp-calls"):
         calls.setdefault(c["userId"], Counter())[(c["tool"], input_hash(c["arguments"]))] += 1
@@ -103,8 +105,17 @@ async def test_a_quiet_persona_runs_once_per_window_not_once_per_poll(
     sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path, fake_anthropic: FakeAnthropic
 ) -> None:
     fake_anthropic.brain = lambda body: ([{"type": "text", "text": "Heute mache ich nichts."}], "end_turn")
-    sticky = sandbox.post("personas", {"name": "sticky", "archetype": "t", "systemPrompt": "", "moduleMix": {"todo": 1},
-                                       "tickCadence": "hourly", "options": {"alwaysDue": True}})  # fmt: skip
+    sticky = sandbox.post(
+        "personas",
+        {
+            "name": "sticky",
+            "archetype": "t",
+            "systemPrompt": "",
+            "moduleMix": {"todo": 1},
+            "tickCadence": "hourly",
+            "options": {"alwaysDue": True},
+        },
+    )
     env = runner_env(sandbox, tmp_path / "runner.db", TICK_INTERVAL_MS="400", **anthropic_env(fake_anthropic))
     runner = start_runner(env, tmp_path / "runner.log")
     runners.append(runner)
@@ -115,8 +126,12 @@ async def test_a_quiet_persona_runs_once_per_window_not_once_per_poll(
     assert all((a["toolName"], a["result"]) == (TICK_ROW, "ok") for a in actions)
     assert len(actions) == len(catalog(sandbox))  # one quiet-day row per persona, however often polled
     assert len(fake_anthropic.requests) == len(actions)  # one model turn each: no rating without tools
-    assert any(p["userId"] == sticky["userId"] for p in httpx.get(
-        f"{sandbox.api_url}/api/v1/personas/internal/due", headers={"X-Service-Key": KEY}).json()["personas"])  # fmt: skip
+    assert any(
+        p["userId"] == sticky["userId"]
+        for p in httpx.get(f"{sandbox.api_url}/api/v1/personas/internal/due", headers={"X-Service-Key": KEY}).json()[
+            "personas"
+        ]
+    )
     assert runner.terminate() == 0
 
 
@@ -128,8 +143,11 @@ async def test_an_outage_of_three_failures_on_each_route_loses_and_doubles_nothi
     runner = start_runner(runner_env(sandbox, tmp_path / "runner.db", MANA_RETRY_ATTEMPTS="2"), tmp_path / "runner.log")
     runners.append(runner)
     expected = len(catalog(sandbox))
-    await until(lambda: all_delivered(sandbox, expected) and metric_sum(metrics(runner), "persona_outbox_backlog") == 0,
-                timeout=90, what="every persona delivered")  # fmt: skip
+    await until(
+        lambda: all_delivered(sandbox, expected) and metric_sum(metrics(runner), "persona_outbox_backlog") == 0,
+        timeout=90,
+        what="every persona delivered",
+    )
     calls, rows, actions = calls_vs_rows(sandbox)
     assert rows == calls
     for persona_id in {a["personaId"] for a in actions}:
@@ -153,8 +171,11 @@ async def test_sigkill_mid_tick_then_restart_records_every_call_once_and_replays
     second = start_runner(env, tmp_path / "runner.log")
     runners.append(second)
     expected = len(catalog(sandbox))
-    await until(lambda: all_delivered(sandbox, expected) and metric_sum(metrics(second), "persona_outbox_backlog") == 0,
-                timeout=90, what="every persona delivered after restart")  # fmt: skip
+    await until(
+        lambda: all_delivered(sandbox, expected) and metric_sum(metrics(second), "persona_outbox_backlog") == 0,
+        timeout=90,
+        what="every persona delivered after restart",
+    )
     calls, rows, actions = calls_vs_rows(sandbox)
     for user, made in calls.items():
         assert not made - rows.get(user, Counter()), f"a call that reached Mana has no row: {user}"
@@ -194,7 +215,10 @@ async def test_sigterm_drains_cuts_at_the_deadline_and_exits_zero(
 async def test_pause_and_resume_by_signal_keep_health_green(
     sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path
 ) -> None:
-    runner = start_runner(runner_env(sandbox, tmp_path / "runner.db", RUNNER_PAUSED="true", TICK_INTERVAL_MS="300"), tmp_path / "runner.log")
+    runner = start_runner(
+        runner_env(sandbox, tmp_path / "runner.db", RUNNER_PAUSED="true", TICK_INTERVAL_MS="300"),
+        tmp_path / "runner.log",
+    )
     runners.append(runner)
     health = await asyncio.to_thread(runner.wait_healthy)
     assert health["paused"] is True
@@ -217,8 +241,14 @@ async def test_metrics_match_the_rows_and_no_secret_reaches_any_output(
     await asyncio.to_thread(runner.wait_healthy)
     assert httpx.get(f"{runner.url}/ready", timeout=10).status_code == 200
     people = catalog(sandbox)
-    await until(lambda: all_delivered(sandbox, len(people)) and metric_sum(metrics(runner), "persona_outbox_backlog") == 0
-                and metric_sum(metrics(runner), "persona_ticks_in_flight") == 0, what="a full round")  # fmt: skip
+    await until(
+        lambda: (
+            all_delivered(sandbox, len(people))
+            and metric_sum(metrics(runner), "persona_outbox_backlog") == 0
+            and metric_sum(metrics(runner), "persona_ticks_in_flight") == 0
+        ),
+        what="a full round",
+    )
     diag = httpx.get(f"{runner.url}/diag/login", params={"email": people[0]["email"]}, timeout=10)
     assert diag.status_code == 200 and diag.json()["ok"] is True
 

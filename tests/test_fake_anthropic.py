@@ -14,7 +14,6 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
-
 from fake_anthropic import FakeAnthropic, sample_from_schema
 
 MODEL = "claude-haiku-4-5"  # not in the SDK's DEPRECATED_MODELS, so no warning
@@ -90,12 +89,16 @@ async def test_tool_use_conversation_round_trips(
             break
         # Hand the SDK's own pydantic blocks back, as the runner will.
         messages.append({"role": "assistant", "content": resp.content})
-        messages.append({
-            "role": "user",
-            "content": [
-                {"type": "tool_result", "tool_use_id": b.id, "content": "ok"} for b in resp.content if b.type == "tool_use"
-            ],
-        })
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": b.id, "content": "ok"}
+                    for b in resp.content
+                    if b.type == "tool_use"
+                ],
+            }
+        )
 
     assert [r.stop_reason for r in replies] == ["tool_use", "tool_use", "end_turn"]
     names = [[b.name for b in r.content if b.type == "tool_use"] for r in replies[:2]]
@@ -137,8 +140,11 @@ async def test_broken_alternation_is_refused(client: anthropic.AsyncAnthropic) -
 async def test_forced_tool_choice_fills_schema(client: anthropic.AsyncAnthropic) -> None:
     tool: Any = {"name": "submit_ratings", "input_schema": RATINGS_SCHEMA}
     resp = await client.messages.create(
-        model=MODEL, max_tokens=512, tools=[*TOOLS, tool],
-        tool_choice={"type": "tool", "name": "submit_ratings"}, messages=[_user("Bewerte die Module.")],
+        model=MODEL,
+        max_tokens=512,
+        tools=[*TOOLS, tool],
+        tool_choice={"type": "tool", "name": "submit_ratings"},
+        messages=[_user("Bewerte die Module.")],
     )
     assert resp.stop_reason == "tool_use" and len(resp.content) == 1
     block = resp.content[0]
@@ -163,9 +169,7 @@ async def test_rate_limit_is_retried_then_succeeds(
     assert fake_anthropic.exchanges[0].response["error"]["type"] == "rate_limit_error"
 
 
-async def test_overloaded_exhausts_retries(
-    fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic
-) -> None:
+async def test_overloaded_exhausts_retries(fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic) -> None:
     fake_anthropic.fail_next(status=529, count=3, retry_after=0.01)
     with pytest.raises(anthropic.OverloadedError) as err:  # subclass of InternalServerError
         await client.messages.create(model=MODEL, max_tokens=64, messages=[_user("hi")])
@@ -195,9 +199,7 @@ async def test_prompt_cache_is_written_then_read(client: anthropic.AsyncAnthropi
     assert second.usage.cache_creation_input_tokens == 0
 
 
-async def test_brain_can_be_replaced(
-    fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic
-) -> None:
+async def test_brain_can_be_replaced(fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic) -> None:
     # A brain may return anything, including a tool the request never offered.
     async def brain(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
         return [{"type": "tool_use", "name": "no_such_tool", "input": {"x": 1}}], "tool_use"
@@ -222,22 +224,63 @@ BASE: dict[str, Any] = {"model": MODEL, "max_tokens": 64}
         ({**BASE, "messages": [{"role": "assistant", "content": "x"}]}, 'first message must use the "user" role'),
         ({**BASE, "system": [{"type": "image"}], "messages": [_user("x")]}, "system.0.type: Input should be 'text'"),
         ({**BASE, "tools": [TOOLS[1], TOOLS[1]], "messages": [_user("x")]}, "Tool names must be unique"),
-        ({**BASE, "tools": [{"name": "t", "input_schema": {"type": "array"}}], "messages": [_user("x")]},
-         "tools.0.custom.input_schema.type: Input should be 'object'"),
-        ({**BASE, "tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}, "messages": [_user("x")]},
-         "tool 'nope' is not among the provided tools"),
+        (
+            {**BASE, "tools": [{"name": "t", "input_schema": {"type": "array"}}], "messages": [_user("x")]},
+            "tools.0.custom.input_schema.type: Input should be 'object'",
+        ),
+        (
+            {**BASE, "tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}, "messages": [_user("x")]},
+            "tool 'nope' is not among the provided tools",
+        ),
         ({**BASE, "tools": TOOLS, "tool_choice": {"type": "sometimes"}, "messages": [_user("x")]}, "tool_choice.type"),
         ({**BASE, "messages": [_user("x"), _tool_use("toolu_1")]}, "toolu_1"),  # prefill with tool_use
         ({**BASE, "messages": [_user("x"), {"role": "assistant", "content": "Na gut "}]}, "trailing whitespace"),
-        ({**BASE, "messages": [_user("x"), _tool_use("toolu_1"), {"role": "user", "content": [
-            {"type": "text", "text": "hier"}, {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]}]},
-         "messages.2.content.1: `tool_result` blocks must come before any other content"),
-        ({**BASE, "messages": [_user("x"), _tool_use("toolu_1"), {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "toolu_1"}, {"type": "tool_result", "tool_use_id": "toolu_2"}]}]},
-         "unexpected `tool_use_id` found in `tool_result` blocks: toolu_2"),
-        ({**BASE, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "x", "cache_control": {"type": "persistent"}}]}]},
-         "messages.0.content.0.cache_control.type: Input should be 'ephemeral'"),
+        (
+            {
+                **BASE,
+                "messages": [
+                    _user("x"),
+                    _tool_use("toolu_1"),
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "hier"},
+                            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"},
+                        ],
+                    },
+                ],
+            },
+            "messages.2.content.1: `tool_result` blocks must come before any other content",
+        ),
+        (
+            {
+                **BASE,
+                "messages": [
+                    _user("x"),
+                    _tool_use("toolu_1"),
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": "toolu_1"},
+                            {"type": "tool_result", "tool_use_id": "toolu_2"},
+                        ],
+                    },
+                ],
+            },
+            "unexpected `tool_use_id` found in `tool_result` blocks: toolu_2",
+        ),
+        (
+            {
+                **BASE,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "x", "cache_control": {"type": "persistent"}}],
+                    }
+                ],
+            },
+            "messages.0.content.0.cache_control.type: Input should be 'ephemeral'",
+        ),
         ({**BASE, "temperature": 0.5, "messages": [_user("x")]}, "temperature: Extra inputs are not permitted"),
         ({**BASE, "messages": [_user("x"), {"role": "system", "content": "y"}]}, "'system' messages"),
     ],
@@ -276,9 +319,10 @@ def test_sample_from_schema_respects_bounds() -> None:
 
 
 async def test_wrong_key_is_an_authentication_error() -> None:
-    async with FakeAnthropic(api_key="right") as fake, anthropic.AsyncAnthropic(
-        api_key="wrong", base_url=fake.base_url
-    ) as client:
+    async with (
+        FakeAnthropic(api_key="right") as fake,
+        anthropic.AsyncAnthropic(api_key="wrong", base_url=fake.base_url) as client,
+    ):
         with pytest.raises(anthropic.AuthenticationError):
             await client.messages.create(model=MODEL, max_tokens=8, messages=[_user("x")])
     assert len(fake.requests) == 1  # 401 is not retried

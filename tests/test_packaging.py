@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from procs import ROOT, runner_env, start_runner, start_sandbox
 
 

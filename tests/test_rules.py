@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,15 @@ from runner.agent.providers.anthropic import api_names
 from runner.agent.providers.scripted import ScriptedProvider
 from runner.agent.rating import parse_failure_row, parse_ratings, rating_schema
 from runner.mana.errors import ApiError, RetryPolicy, TransportError, is_retryable
-from runner.persona import DEV_SEED_SECRET, PARSE_MODULE, derive_password, input_hash, js_stringify, tick_id, tick_window
+from runner.persona import (
+    DEV_SEED_SECRET,
+    PARSE_MODULE,
+    derive_password,
+    input_hash,
+    js_stringify,
+    tick_id,
+    tick_window,
+)
 from runner.settings import SettingsError, load_settings
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
@@ -40,9 +48,18 @@ def test_input_hash_matches_reference(vector: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(
     ("number", "js"),
-    [(0.1, "0.1"), (1e20, "100000000000000000000"), (1e21, "1e+21"), (1.5e-7, "1.5e-7"), (1e-6, "0.000001"),
-     (-2.5, "-2.5"), (5e-324, "5e-324"), (float("nan"), "null"), (2**53 + 1, "9007199254740992")],
-)  # fmt: skip
+    [
+        (0.1, "0.1"),
+        (1e20, "100000000000000000000"),
+        (1e21, "1e+21"),
+        (1.5e-7, "1.5e-7"),
+        (1e-6, "0.000001"),
+        (-2.5, "-2.5"),
+        (5e-324, "5e-324"),
+        (float("nan"), "null"),
+        (2**53 + 1, "9007199254740992"),
+    ],
+)
 def test_numbers_print_as_javascript(number: float, js: str) -> None:
     assert js_stringify(number) == js
 
@@ -56,8 +73,8 @@ def test_lone_surrogate_is_escaped_like_v8() -> None:
 
 
 def test_tick_id_is_pure_in_persona_and_window() -> None:
-    morning = datetime(2026, 11, 23, 8, 5, tzinfo=timezone.utc)
-    evening = datetime(2026, 11, 23, 20, 0, tzinfo=timezone.utc)
+    morning = datetime(2026, 11, 23, 8, 5, tzinfo=UTC)
+    evening = datetime(2026, 11, 23, 20, 0, tzinfo=UTC)
     assert tick_window("daily", morning) == tick_window("weekdays", evening) == "2026-11-23"
     assert tick_window("hourly", morning) == "2026-11-23T08"
     assert tick_id("u1", "2026-11-23") == tick_id("u1", "2026-11-23")
@@ -89,10 +106,16 @@ def test_ratings_are_clamped_filtered_and_deduplicated() -> None:
     }
     rows = parse_ratings(payload, ["todo", "journal", "mood"])
     assert rows is not None
-    assert [(r.module, r.rating, r.notes) for r in rows] == [("todo", 5, "super"), ("journal", 1, None), ("mood", 4, None)]
+    assert [(r.module, r.rating, r.notes) for r in rows] == [
+        ("todo", 5, "super"),
+        ("journal", 1, None),
+        ("mood", 4, None),
+    ]
 
 
-@pytest.mark.parametrize("payload", [None, "Ich fand alles gut!", {"ratings": "viele"}, {"ratings": [{"module": "todo"}]}, 42])
+@pytest.mark.parametrize(
+    "payload", [None, "Ich fand alles gut!", {"ratings": "viele"}, {"ratings": [{"module": "todo"}]}, 42]
+)
 def test_unreadable_ratings_give_none(payload: Any) -> None:
     assert parse_ratings(payload, ["todo"]) is None
 
@@ -123,13 +146,34 @@ def test_bound_cuts_long_tool_results() -> None:
 
 
 SCHEMAS: list[dict[str, Any]] = [
-    {"type": "object", "properties": {"title": {"type": "string", "minLength": 3}, "due": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
-     "priority": {"type": "integer", "minimum": 1, "maximum": 3}}, "required": ["title"]},
+    {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "minLength": 3},
+            "due": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
+            "priority": {"type": "integer", "minimum": 1, "maximum": 3},
+        },
+        "required": ["title"],
+    },
     {"type": "object", "properties": {"status": {"enum": ["open", "done", "all"]}}},
-    {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 1}}, "required": ["items"]},
-    {"type": "object", "$defs": {"Entry": {"type": "object", "properties": {"score": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 11}}, "required": ["score"]}},
-     "properties": {"entry": {"$ref": "#/$defs/Entry"}, "flag": {"type": "boolean"}}, "required": ["entry"]},
-]  # fmt: skip
+    {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+        "required": ["items"],
+    },
+    {
+        "type": "object",
+        "$defs": {
+            "Entry": {
+                "type": "object",
+                "properties": {"score": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 11}},
+                "required": ["score"],
+            }
+        },
+        "properties": {"entry": {"$ref": "#/$defs/Entry"}, "flag": {"type": "boolean"}},
+        "required": ["entry"],
+    },
+]
 
 
 async def test_scripted_provider_builds_schema_valid_arguments_deterministically() -> None:
@@ -145,12 +189,14 @@ async def test_scripted_provider_builds_schema_valid_arguments_deterministically
 
 async def test_scripted_provider_follows_the_module_mix() -> None:
     tools = [ToolDef("todo.create", "", SCHEMAS[0]), ToolDef("journal.add", "", SCHEMAS[1])]
-    picked = [name for seed in range(40) for name, _ in await _script(tools, f"s{seed}", {"todo": 1.0, "calendar": 5.0})]
+    picked = [
+        name for seed in range(40) for name, _ in await _script(tools, f"s{seed}", {"todo": 1.0, "calendar": 5.0})
+    ]
     assert set(picked) == {"todo.create"}
 
 
 async def _script(tools: list[ToolDef], seed: str, mix: dict[str, float] | None = None) -> list[tuple[str, Any]]:
-    from runner.agent.loop import Results, ToolResult, Turn
+    from runner.agent.loop import Results, ToolResult
 
     provider = ScriptedProvider(seed, mix or {})
     transcript: list[Any] = []

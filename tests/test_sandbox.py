@@ -73,9 +73,11 @@ async def jwt_for(http: httpx.AsyncClient, sb: Sandbox, email: str) -> str:
 @asynccontextmanager
 async def mcp_session(sb: Sandbox, token: str, space: str) -> AsyncIterator[Client]:
     headers = {"Authorization": f"Bearer {token}", "X-Mana-Space": space}
-    async with httpx2.AsyncClient(headers=headers, timeout=10) as hc:
-        async with Client(streamable_http_client(f"{sb.mcp_url}/mcp", http_client=hc), mode="legacy") as client:
-            yield client
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=10) as hc,
+        Client(streamable_http_client(f"{sb.mcp_url}/mcp", http_client=hc), mode="legacy") as client,
+    ):
+        yield client
 
 
 async def set_clock(http: httpx.AsyncClient, sb: Sandbox, now: str | None) -> None:
@@ -219,7 +221,13 @@ async def test_actions_on_conflict_and_id_rule(sb: Sandbox, http: httpx.AsyncCli
     pid = (await personas(http, sb))["heinz"]["userId"]
     await set_clock(http, sb, MONDAY)
     rows = [
-        {"tickId": "tick-a", "toolName": "todo.create", "result": "ok", "inputHash": "0123456789abcdef", "latencyMs": 12},
+        {
+            "tickId": "tick-a",
+            "toolName": "todo.create",
+            "result": "ok",
+            "inputHash": "0123456789abcdef",
+            "latencyMs": 12,
+        },
         {"tickId": "tick-a", "toolName": "notes.export", "result": "error", "errorMessage": "boom"},
         {"tickId": "tick-a", "toolName": "todo.list", "result": "ok", "latencyMs": 7.0},
     ]
@@ -288,17 +296,24 @@ async def test_batch_validation(sb: Sandbox, http: httpx.AsyncClient) -> None:
 
 
 async def test_faults(sb: Sandbox, http: httpx.AsyncClient) -> None:
-    arm = await http.post(f"{sb.api_url}/__sandbox/faults", json={"route": "due", "status": 503, "count": 2, "retryAfter": 7})
+    arm = await http.post(
+        f"{sb.api_url}/__sandbox/faults", json={"route": "due", "status": 503, "count": 2, "retryAfter": 7}
+    )
     assert arm.status_code == 200
     for _ in range(2):
         response = await http.get(f"{sb.api_url}{BASE}/due", headers={"X-Service-Key": KEY})
         assert response.status_code == 503 and response.headers["Retry-After"] == "7"
         assert response.json() == {
-            "error": "SERVICE_UNAVAILABLE", "message": "sandbox fault injected on due", "status": 503, "retryAfterSec": 7,
+            "error": "SERVICE_UNAVAILABLE",
+            "message": "sandbox fault injected on due",
+            "status": 503,
+            "retryAfterSec": 7,
         }
     assert (await http.get(f"{sb.api_url}{BASE}/due", headers={"X-Service-Key": KEY})).status_code == 200
 
-    await http.post(f"{sb.api_url}/__sandbox/faults", json={"route": "login", "status": 429, "count": 1, "retryAfter": 1})
+    await http.post(
+        f"{sb.api_url}/__sandbox/faults", json={"route": "login", "status": 429, "count": 1, "retryAfter": 1}
+    )
     limited = await login(http, sb, "persona.aylin@mana.test")
     assert limited.status_code == 429 and limited.json()["error"] == "RATE_LIMITED"
     assert (await login(http, sb, "persona.aylin@mana.test")).status_code == 200  # a fault is no failed attempt
@@ -329,7 +344,9 @@ async def test_mcp_gateway_refusals(sb: Sandbox, http: httpx.AsyncClient) -> Non
     session_token = (await login(http, sb, "persona.sandra@mana.test")).json()["token"]
     assert (await initialize(session_token, sandra_space)).status_code == 401
     foreign_key = Ed25519PrivateKey.generate()
-    forged = jwt.encode({"sub": cast["sandra"]["userId"], "aud": "mana", "exp": 4102444800}, foreign_key, algorithm="EdDSA")
+    forged = jwt.encode(
+        {"sub": cast["sandra"]["userId"], "aud": "mana", "exp": 4102444800}, foreign_key, algorithm="EdDSA"
+    )
     assert (await initialize(forged, sandra_space)).status_code == 401
 
     sandra = await jwt_for(http, sb, "persona.sandra@mana.test")
@@ -351,7 +368,9 @@ async def test_mcp_tools_annotations_and_recording(sb: Sandbox, http: httpx.Asyn
     token = await jwt_for(http, sb, gisela["email"])
     async with mcp_session(sb, token, space) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert {"todo.create", "todo.list", "notes.search", "mood.recent", "spaces.list", "journal.archive"} <= set(tools)
+        assert {"todo.create", "todo.list", "notes.search", "mood.recent", "spaces.list", "journal.archive"} <= set(
+            tools
+        )
         assert all("." in name for name in tools)
         assert tools["todo.list"].annotations.read_only_hint is True
         create = tools["todo.create"].annotations
@@ -382,8 +401,14 @@ async def test_mcp_tools_annotations_and_recording(sb: Sandbox, http: httpx.Asyn
 
     calls = (await http.get(f"{sb.api_url}/__sandbox/mcp-calls")).json()
     assert [(c["tool"], c["isError"]) for c in calls] == [
-        ("todo.create", False), ("todo.list", False), ("notes.create", False), ("notes.search", False),
-        ("notes.export", True), ("todo.create", True), ("todo.complete", True), ("journal.archive", False),
+        ("todo.create", False),
+        ("todo.list", False),
+        ("notes.create", False),
+        ("notes.search", False),
+        ("notes.export", True),
+        ("todo.create", True),
+        ("todo.complete", True),
+        ("journal.archive", False),
     ]
     assert {(c["userId"], c["spaceId"]) for c in calls} == {(gisela["userId"], space)}
     assert calls[0]["arguments"] == {"title": "Tabletten abholen", "priority": 1}
@@ -418,7 +443,11 @@ async def test_cli_prints_urls_and_stops_on_sigterm(tmp_path: Path) -> None:
     args = ["--db", str(tmp_path / "cli.db"), "--auth-port", "0", "--api-port", "0", "--mcp-port", "0"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.sandbox", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO
+        [sys.executable, "-m", "runner.sandbox", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
     )
     try:
         assert proc.stdout is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -96,10 +98,9 @@ class McpGateway:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
+        # Closing a dead session must not mask the tick's own outcome.
+        with contextlib.suppress(Exception):
             await self._stack.aclose()
-        except Exception:  # noqa: BLE001 - closing a dead session must not mask the tick's own outcome
-            pass
 
     async def tools(self) -> list[ToolSpec]:
         client = self._connected()
@@ -107,7 +108,7 @@ class McpGateway:
         cursor: str | None = None
         while True:
             try:
-                page = await self._fresh_on_401(lambda: client.list_tools(cursor=cursor))
+                page = await self._fresh_on_401(functools.partial(client.list_tools, cursor=cursor))
             except MCPError as exc:
                 raise self._error(exc) from None
             specs += [

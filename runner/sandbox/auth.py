@@ -7,7 +7,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
@@ -160,7 +160,7 @@ class AuthService:
 
 
 async def _health(request: Request) -> Response:
-    return JSONResponse({"ok": True, "at": datetime.now(timezone.utc).isoformat()})
+    return JSONResponse({"ok": True, "at": datetime.now(UTC).isoformat()})
 
 
 async def _json_body(request: Request) -> Any:

@@ -105,9 +105,15 @@ def control_mount(store: Store, auth: AuthService) -> Mount:
         for p in store.query("SELECT * FROM personas ORDER BY seq"):
             rows.append(
                 {
-                    "userId": p["id"], "email": p["email"], "name": p["name"], "archetype": p["archetype"],
-                    "tickCadence": p["tick_cadence"], "moduleMix": json.loads(p["module_mix"]),
-                    "lastActiveAt": p["last_active_at"], "options": persona_options(p), "deleted": bool(p["deleted"]),
+                    "userId": p["id"],
+                    "email": p["email"],
+                    "name": p["name"],
+                    "archetype": p["archetype"],
+                    "tickCadence": p["tick_cadence"],
+                    "moduleMix": json.loads(p["module_mix"]),
+                    "lastActiveAt": p["last_active_at"],
+                    "options": persona_options(p),
+                    "deleted": bool(p["deleted"]),
                     "spaces": [
                         {"id": s["id"], "name": s["name"], "slug": s["slug"], "type": s["type"]}
                         for s in store.spaces(p["id"])

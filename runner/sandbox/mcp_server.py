@@ -169,8 +169,13 @@ class _ToolCallRecorder:
                 "INSERT INTO mcp_calls (user_id, space_id, tool, arguments, is_error, error_text, at)"
                 " VALUES (?,?,?,?,?,?,?)",
                 (
-                    caller.user_id, caller.space_id, name, json.dumps(arguments, ensure_ascii=False),
-                    int(result is None or bool(result.get("isError"))), text, iso(self.clock.now()),
+                    caller.user_id,
+                    caller.space_id,
+                    name,
+                    json.dumps(arguments, ensure_ascii=False),
+                    int(result is None or bool(result.get("isError"))),
+                    text,
+                    iso(self.clock.now()),
                 ),
             )
 
@@ -189,7 +194,7 @@ def _rename_failure(result: dict[str, Any], tool: str) -> None:
     prefix = f"Error executing tool {tool}: "
     for block in result.get("content") or []:
         if isinstance(block, dict) and isinstance(block.get("text"), str) and block["text"].startswith(prefix):
-            block["text"] = f"Tool {tool} failed: " + block["text"][len(prefix):]
+            block["text"] = f"Tool {tool} failed: " + block["text"][len(prefix) :]
 
 
 # --- the tools ------------------------------------------------------------------------------
@@ -439,4 +444,3 @@ def build_mcp_app(store: Store, clock: Clock, faults: Faults, auth: AuthService,
     server: MCPServer[Any] = MCPServer("mana-mcp-sandbox", tools=tools, log_level="WARNING")
     server.middleware.append(_ToolCallRecorder(store, clock, {t.name: t for t in tools}))
     return Gateway(server.streamable_http_app(host=host), auth, store, faults)
-

@@ -104,8 +104,14 @@ class PersonasApi:
                     (
                         # The id rule is the whole idempotency story: index in *this* request.
                         f"{row['tickId']}-{i}-{row['toolName']}"[:255],
-                        persona_id, row["tickId"], row["toolName"], row["result"], row.get("inputHash"),
-                        row.get("errorMessage"), _int_or_none(row.get("latencyMs")), now,
+                        persona_id,
+                        row["tickId"],
+                        row["toolName"],
+                        row["result"],
+                        row.get("inputHash"),
+                        row.get("errorMessage"),
+                        _int_or_none(row.get("latencyMs")),
+                        now,
                     )
                     for i, row in enumerate(rows)
                 ],
@@ -132,8 +138,15 @@ class PersonasApi:
                 "INSERT INTO feedback (id, persona_id, tick_id, module, rating, notes, created_at)"
                 " VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [
-                    (f"{r['tickId']}-{r['module']}", persona_id, r["tickId"], r["module"], r["rating"], r.get("notes"),
-                     now)
+                    (
+                        f"{r['tickId']}-{r['module']}",
+                        persona_id,
+                        r["tickId"],
+                        r["module"],
+                        r["rating"],
+                        r.get("notes"),
+                        now,
+                    )
                     for r in rows
                 ],
             )
@@ -192,7 +205,7 @@ def _check_feedback(row: dict[str, Any], i: int) -> None:
     where = f"feedback[{i}]"
     _require_str(row, "tickId", where)
     _require_str(row, "module", where)
-    rating = row.get("rating")
+    rating: Any = row.get("rating")
     if not _is_number(rating) or not 1 <= rating <= 5:
         raise _Invalid(f"{where}.rating: expected a number from 1 to 5")
     _require_str(row, "notes", where, optional=True)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -66,14 +66,14 @@ EXTRA_SPACES = ("team", "family", "none")
 
 def iso(moment: datetime) -> str:
     """JavaScript's Date.toISOString(): UTC, milliseconds, 'Z' (sorts lexicographically = in time)."""
-    utc = moment.astimezone(timezone.utc)
+    utc = moment.astimezone(UTC)
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
 def parse_iso(text: str) -> datetime:
     """Always UTC out: weekday and day boundaries are the server's UTC ones (contract §4)."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def new_id(prefix: str = "") -> str:
@@ -87,7 +87,7 @@ class Clock:
         self.fixed: datetime | None = None
 
     def now(self) -> datetime:
-        return self.fixed if self.fixed is not None else datetime.now(timezone.utc)
+        return self.fixed if self.fixed is not None else datetime.now(UTC)
 
 
 @dataclass
@@ -101,8 +101,15 @@ class Fault:
 FAULT_ROUTES = ("due", "actions", "feedback", "login", "refresh", "organizations", "mcp")
 
 _CODES = {
-    400: "VALIDATION", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 429: "RATE_LIMITED",
-    500: "INTERNAL", 502: "BAD_GATEWAY", 503: "SERVICE_UNAVAILABLE", 504: "GATEWAY_TIMEOUT",
+    400: "VALIDATION",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    429: "RATE_LIMITED",
+    500: "INTERNAL",
+    502: "BAD_GATEWAY",
+    503: "SERVICE_UNAVAILABLE",
+    504: "GATEWAY_TIMEOUT",
 }
 
 
@@ -188,9 +195,17 @@ class Store:
                 "INSERT INTO personas (id, seq, name, email, archetype, system_prompt, module_mix, tick_cadence,"
                 " options, password_secret, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    user_id, seq, name, email, spec["archetype"], spec["systemPrompt"],
-                    json.dumps(spec["moduleMix"]), spec["tickCadence"], json.dumps(options),
-                    WRONG_SEED_SECRET if options.get("wrongSeed") else None, iso(now),
+                    user_id,
+                    seq,
+                    name,
+                    email,
+                    spec["archetype"],
+                    spec["systemPrompt"],
+                    json.dumps(spec["moduleMix"]),
+                    spec["tickCadence"],
+                    json.dumps(options),
+                    WRONG_SEED_SECRET if options.get("wrongSeed") else None,
+                    iso(now),
                 ),
             )
             spaces: list[tuple[str, str, str]] = []  # (type, name, slug), listed in this order

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
 from anthropic import AsyncAnthropic
+from anthropic.types import CacheControlEphemeralParam, MessageParam, TextBlockParam, ToolParam
 
 from runner.agent.loop import Entry, RatingReply, Results, ToolCall, ToolDef, Turn, Usage
 from runner.agent.prompts import Language, start_message
@@ -19,7 +20,7 @@ from runner.agent.rating import RATING_TOOL, rating_schema
 
 _LEGAL = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _ILLEGAL_CHAR = re.compile(r"[^a-zA-Z0-9_-]")
-_CACHE = {"type": "ephemeral"}
+_CACHE: CacheControlEphemeralParam = {"type": "ephemeral"}
 
 
 def api_names(mcp_names: list[str]) -> dict[str, str]:
@@ -37,6 +38,10 @@ def api_names(mcp_names: list[str]) -> dict[str, str]:
         mapping[name] = candidate
         taken.add(candidate)
     return mapping
+
+
+def _system(text: str) -> list[TextBlockParam]:
+    return [{"type": "text", "text": text, "cache_control": _CACHE}]
 
 
 def _usage(usage: Any) -> Usage:
@@ -61,7 +66,7 @@ class AnthropicProvider:
         response = await self._client.messages.create(
             model=self._model,
             max_tokens=self._max_tokens,
-            system=[{"type": "text", "text": system, "cache_control": _CACHE}],
+            system=_system(system),
             tools=self._tools(tools),
             messages=self._messages(transcript),
         )
@@ -77,12 +82,13 @@ class AnthropicProvider:
         self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]
     ) -> RatingReply:
         messages = self._messages(transcript, cache_last=False)
-        ask = {"type": "text", "text": prompt}
-        if messages[-1]["role"] == "user":
-            messages[-1]["content"].append(ask)  # after the tool_results: roles must alternate
+        ask: TextBlockParam = {"type": "text", "text": prompt}
+        last = messages[-1]
+        if last["role"] == "user" and isinstance(last["content"], list):
+            last["content"].append(ask)  # after the tool_results: roles must alternate
         else:
             messages.append({"role": "user", "content": [ask]})
-        rating_tool = {
+        rating_tool: ToolParam = {
             "name": RATING_TOOL,
             "description": "Submit your ratings of the modules you used today.",
             "input_schema": rating_schema(modules),
@@ -90,7 +96,7 @@ class AnthropicProvider:
         response = await self._client.messages.create(
             model=self._model,
             max_tokens=self._max_tokens,
-            system=[{"type": "text", "text": system, "cache_control": _CACHE}],
+            system=_system(system),
             # The history holds tool_use blocks, so the tools stay declared next to the rating tool.
             tools=[*self._tools(tools), rating_tool],
             tool_choice={"type": "tool", "name": RATING_TOOL},
@@ -98,15 +104,17 @@ class AnthropicProvider:
         )
         for block in response.content:
             if block.type == "tool_use" and block.name == RATING_TOOL:
-                return RatingReply(payload=block.input, raw=json.dumps(block.input, ensure_ascii=False), usage=_usage(response.usage))
+                return RatingReply(
+                    payload=block.input, raw=json.dumps(block.input, ensure_ascii=False), usage=_usage(response.usage)
+                )
         raw = " ".join(b.text for b in response.content if b.type == "text")
         return RatingReply(payload=None, raw=raw, usage=_usage(response.usage))
 
-    def _tools(self, tools: list[ToolDef]) -> list[dict[str, Any]]:
+    def _tools(self, tools: list[ToolDef]) -> list[ToolParam]:
         if not self._to_api:
             self._to_api = api_names([t.name for t in tools])
             self._from_api = {v: k for k, v in self._to_api.items()}
-        specs: list[dict[str, Any]] = [
+        specs: list[ToolParam] = [
             {"name": self._to_api[t.name], "description": t.description[:1024], "input_schema": t.input_schema}
             for t in tools
         ]
@@ -114,7 +122,7 @@ class AnthropicProvider:
             specs[-1]["cache_control"] = _CACHE
         return specs
 
-    def _messages(self, transcript: list[Entry], cache_last: bool = True) -> list[dict[str, Any]]:
+    def _messages(self, transcript: list[Entry], cache_last: bool = True) -> list[MessageParam]:
         messages: list[dict[str, Any]] = [
             {"role": "user", "content": [{"type": "text", "text": start_message(self._language)}]}
         ]
@@ -139,4 +147,5 @@ class AnthropicProvider:
         if cache_last:
             # The growing conversation is a cacheable prefix for the next turn.
             messages[-1]["content"][-1]["cache_control"] = _CACHE
-        return messages
+        # Plain dicts in the Messages API's shape; the SDK's TypedDicts are too narrow to build in place.
+        return cast("list[MessageParam]", messages)

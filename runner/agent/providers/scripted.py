@@ -14,9 +14,21 @@ from runner.agent.loop import Entry, RatingReply, Results, ToolCall, ToolDef, Tu
 from runner.persona import module_of
 
 _WORDS = [
-    "Einkaufen", "Wäsche", "Steuererklärung", "Joggen", "Mama anrufen", "Projekt", "Lernen",
-    "Arzttermin", "Meditation", "Rechnung", "Geburtstag", "Präsentation", "Garten", "Lesen",
-]  # fmt: skip
+    "Einkaufen",
+    "Wäsche",
+    "Steuererklärung",
+    "Joggen",
+    "Mama anrufen",
+    "Projekt",
+    "Lernen",
+    "Arzttermin",
+    "Meditation",
+    "Rechnung",
+    "Geburtstag",
+    "Präsentation",
+    "Garten",
+    "Lesen",
+]
 
 
 class ScriptedProvider:
@@ -118,5 +130,5 @@ class ScriptedProvider:
         if fmt == "date-time":
             return f"2026-{self._rng.randint(1, 12):02d}-{self._rng.randint(1, 28):02d}T09:00:00Z"
         text = " ".join(self._rng.sample(_WORDS, 2))
-        low, high = schema.get("minLength", 1), schema.get("maxLength", 200)
+        low, high = int(schema.get("minLength", 1)), int(schema.get("maxLength", 200))
         return (text * (low // len(text) + 1))[: max(low, min(len(text), high))]

@@ -11,7 +11,7 @@ import pytest
 from conftest import SEED_SECRET, SERVICE_KEY, Mana
 from fake_anthropic import FakeAnthropic, default_brain
 
-from runner.agent.loop import Entry, RatingReply, ToolCall, ToolDef, Turn
+from runner.agent.loop import MAX_RESULT_CHARS, Entry, RatingReply, ToolCall, ToolDef, Turn
 from runner.persona import TICK_ROW, input_hash, module_of
 from runner.sandbox import Sandbox, SandboxConfig
 from runner.scheduler import RoundReport, open_runtime, run_once
@@ -224,6 +224,16 @@ async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_
     landed = Counter((a["toolName"], a["inputHash"]) for a in await mana.get("actions") if a["toolName"] != TICK_ROW)
     assert landed == sent
     assert len(await mana.get("feedback")) >= 10
+    # What goes back to the model is bounded, however large the tool's answer (journal.archive: ~300 KB).
+    results = [
+        block["content"]
+        for x in ok
+        for message in x.body["messages"]
+        if isinstance(message["content"], list)
+        for block in message["content"]
+        if block.get("type") == "tool_result"
+    ]
+    assert results and max(len(r) for r in results) <= MAX_RESULT_CHARS + 100
 
 
 async def test_invented_tools_and_prose_ratings_are_recorded_not_lost(
@@ -234,6 +244,7 @@ async def test_invented_tools_and_prose_ratings_are_recorded_not_lost(
             return [{"type": "text", "text": "Ich gebe allem fünf Sterne!"}], "end_turn"
         if len(body["messages"]) == 1:
             return [
+                {"type": "tool_use", "id": "toolu_x0", "name": "journal_archive", "input": {}},
                 {"type": "tool_use", "id": "toolu_x1", "name": "calendar_create", "input": {"when": "morgen"}},
                 {"type": "tool_use", "id": "toolu_x2", "name": "todo_create", "input": {"title": "Zahnarzt"}},
             ], "tool_use"
@@ -247,8 +258,106 @@ async def test_invented_tools_and_prose_ratings_are_recorded_not_lost(
     )
     await _once(settings)
     rows = [a for a in await mana.get("actions") if a["personaId"] == persona["userId"]]
-    assert [(r["toolName"], r["result"]) for r in rows] == [("calendar_create", "error"), ("todo.create", "ok")]
+    assert [(r["toolName"], r["result"]) for r in rows] == [
+        ("journal.archive", "ok"),
+        ("calendar_create", "error"),
+        ("todo.create", "ok"),
+    ]
     calls = [c["tool"] for c in await mana.get("mcp-calls") if c["userId"] == persona["userId"]]
-    assert calls == ["todo.create"]  # the invented tool never reached Mana
+    assert calls == ["journal.archive", "todo.create"]  # the invented tool never reached Mana
+    # The ~300 KB archive went back to the model cut to the bound.
+    answer = next(
+        b["content"]
+        for x in fake_anthropic.exchanges
+        for m in x.body["messages"]
+        if isinstance(m["content"], list)
+        for b in m["content"]
+        if b.get("tool_use_id") == "toolu_x0"
+    )
+    assert len(answer) <= MAX_RESULT_CHARS + 100 and "more characters cut" in answer
     feedback = [f for f in await mana.get("feedback") if f["personaId"] == persona["userId"]]
     assert [(f["module"], f["rating"], f["notes"]) for f in feedback] == [("__parse", 3, "Ich gebe allem fünf Sterne!")]
+
+
+async def test_a_tick_failing_before_any_tool_call_is_retried_then_closed_with_its_reason(
+    mana: Mana, tmp_path: Path
+) -> None:
+    await mana.post("faults", {"route": "mcp", "status": 503, "count": 1000})
+    settings = mana.settings(tmp_path, persona_max_attempts=2, persona_retry_base_s=0, mana_retry_attempts=1)
+    first = await _once(settings)
+    assert first.ticks and await mana.get("actions") == []  # deferred: nothing happened in Mana yet
+    second = await _once(settings)
+    assert {t for _, t in second.ticks} == {t for _, t in first.ticks}  # the same tick ids, run again
+    third = await _once(settings)
+    assert third.ticks == []
+    actions = await mana.get("actions")
+    assert Counter(a["personaId"] for a in actions) == Counter(p.user_id for p, _ in first.ticks)
+    assert all(a["toolName"] == TICK_ROW and a["result"] == "error" and "503" in a["errorMessage"] for a in actions)
+    logins = Counter(e["email"] for e in await mana.get("logins"))
+    assert set(logins.values()) == {2}  # one login per attempt, two attempts
+
+
+class _Dawdler:
+    """Calls a tool every 0.3 s and never stops: only the tick timeout ends its day."""
+
+    async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
+        await asyncio.sleep(0.3)
+        return Turn(text="", calls=[ToolCall(f"c{len(transcript)}", "mood.today", {})])
+
+    async def rate(
+        self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]
+    ) -> RatingReply:
+        raise AssertionError("a timed-out tick is not rated")
+
+
+async def test_a_tick_timeout_keeps_what_was_done_and_says_why(mana: Mana, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    settings = mana.settings(tmp_path, persona_tick_timeout_s=1.2, persona_concurrency=10)
+    async with open_runtime(settings) as runtime:
+        object.__setattr__(runtime, "tick_deps", replace(runtime.tick_deps, make_provider=lambda p, t: _Dawdler()))
+        report = await run_once(runtime)
+    assert report.backlog == 0
+    actions = await mana.get("actions")
+    for _, tick in report.ticks:
+        rows = [a for a in actions if a["tickId"] == tick]
+        assert [r["toolName"] for r in rows[:-1]] == ["mood.today"] * (len(rows) - 1) and len(rows) >= 2
+        assert rows[-1]["toolName"] == TICK_ROW and rows[-1]["errorMessage"] == "timeout: tick exceeded 1.2s during play"
+    calls = Counter(c["userId"] for c in await mana.get("mcp-calls"))
+    assert calls == Counter(a["personaId"] for a in actions if a["toolName"] != TICK_ROW)
+
+
+async def test_a_bad_row_in_due_is_skipped_with_its_reason() -> None:
+    import socket
+
+    import httpx
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from runner.mana.errors import RetryPolicy
+    from runner.mana.personas_api import PersonasApi
+
+    good = {"userId": "u1", "email": "persona.a@mana.test", "tickCadence": "daily", "moduleMix": {"todo": 1}}
+    rows = [good, {"userId": "u2", "email": "persona.b@mana.test", "tickCadence": "monthly"}, "garbage", {"email": "x"}]
+
+    async def due(_: Any) -> JSONResponse:
+        return JSONResponse({"personas": rows, "serverTime": "2026-11-25T10:00:00.000Z"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/p/due", due)]), log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient() as http:
+            api = PersonasApi(http, f"http://127.0.0.1:{sock.getsockname()[1]}", "k", RetryPolicy(1), "/p")
+            listed = await api.due()
+    finally:
+        server.should_exit = True
+        await task
+    assert [p.user_id for p in listed.personas] == ["u1"]
+    assert listed.server_time.isoformat() == "2026-11-25T10:00:00+00:00"
+    assert len(listed.skipped) == 3 and listed.skipped[0].startswith("row 1: tickCadence")

@@ -322,7 +322,7 @@ async def test_a_tick_timeout_keeps_what_was_done_and_says_why(mana: Mana, tmp_p
     for _, tick in report.ticks:
         rows = [a for a in actions if a["tickId"] == tick]
         assert [r["toolName"] for r in rows[:-1]] == ["mood.today"] * (len(rows) - 1) and len(rows) >= 2
-        assert rows[-1]["toolName"] == TICK_ROW and rows[-1]["errorMessage"] == "timeout: tick exceeded 1.2s during play"
+        assert (rows[-1]["toolName"], rows[-1]["errorMessage"]) == (TICK_ROW, "timeout: tick exceeded 1.2s during play")
     calls = Counter(c["userId"] for c in await mana.get("mcp-calls"))
     assert calls == Counter(a["personaId"] for a in actions if a["toolName"] != TICK_ROW)
 

@@ -13,7 +13,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_finds_nothing() -> None:
-    done = _run("ruff", "check", "runner", "tests", "bench")
+    done = _run("ruff", "check", ".")
     assert done.returncode == 0, done.stdout[-4000:]
 
 

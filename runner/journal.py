@@ -198,11 +198,6 @@ class Journal:
                 .values(status="ok" if ok else "error", error_message=error_message, latency_ms=latency_ms)
             )
 
-    async def call_count(self, tick_id: str) -> int:
-        async with self._engine.connect() as conn:
-            count = await conn.scalar(sa.select(sa.func.count()).select_from(calls).where(calls.c.tick_id == tick_id))
-            return int(count or 0)
-
     async def save_ratings(self, tick_id: str, rows: Iterable[FeedbackRow]) -> None:
         async with self._engine.begin() as conn:
             for row in rows:

@@ -18,7 +18,7 @@ from typing import Literal
 import structlog
 
 from runner import metrics
-from runner.agent.loop import Play, Provider, ToolCall, ToolDef, ToolResult, play
+from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, play
 from runner.agent.prompts import Language, liked_modules, rating_prompt, system_prompt
 from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
@@ -86,9 +86,9 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
     except Exception as exc:  # noqa: BLE001 - one persona failing must never stop the others
         metrics.ERRORS.labels(stage=progress.stage).inc()
         reason = str(exc) if isinstance(exc, ManaError) else f"{progress.stage}: {type(exc).__name__}: {exc}"
-        retryable = isinstance(exc, ManaError) and exc.retryable
-        calls_made = await deps.journal.call_count(claim.tick_id)
-        if retryable and calls_made == 0 and claim.attempt < deps.config.max_attempts:
+        may_pass = (isinstance(exc, ManaError) and exc.retryable) or isinstance(exc, ModelUnavailable)
+        # Only a tick that has not touched Mana yet may run again: a replayed day would double its content.
+        if may_pass and progress.play.calls == 0 and claim.attempt < deps.config.max_attempts:
             retry_in = deps.config.retry_base_s * 2 ** (claim.attempt - 1)
             await deps.journal.defer(claim.tick_id, reason, time.time() + retry_in, time.time())
             log.warning("tick deferred", error=reason, attempt=claim.attempt, retry_in_s=retry_in)

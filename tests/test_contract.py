@@ -361,3 +361,26 @@ async def test_a_bad_row_in_due_is_skipped_with_its_reason() -> None:
     assert [p.user_id for p in listed.personas] == ["u1"]
     assert listed.server_time.isoformat() == "2026-11-25T10:00:00+00:00"
     assert len(listed.skipped) == 3 and listed.skipped[0].startswith("row 1: tickCadence")
+
+
+async def test_a_model_outage_before_any_tool_call_defers_the_tick_instead_of_failing_it(
+    mana: Mana, tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.fail_next(status=529, count=1)
+    settings = mana.settings(
+        tmp_path,
+        llm_provider="anthropic",
+        anthropic_base_url=fake_anthropic.base_url,
+        anthropic_api_key="k-test",
+        anthropic_max_retries=0,
+        persona_retry_base_s=0,
+        persona_concurrency=1,
+    )
+    first = await _once(settings)
+    landed = {a["personaId"] for a in await mana.get("actions")}
+    assert len(landed) == len(first.ticks) - 1  # the overloaded persona left no trace yet
+    second = await _once(settings)
+    assert len(second.ticks) == 1 and second.ticks[0][0].user_id not in landed
+    actions = await mana.get("actions")
+    assert {a["personaId"] for a in actions} == {p.user_id for p, _ in first.ticks}
+    assert not [a for a in actions if a["toolName"] == TICK_ROW]

@@ -75,6 +75,14 @@ class Results:
 Entry = Turn | Results
 
 
+class ModelUnavailable(Exception):
+    """The model cannot answer for now (overloaded, unreachable) after its client's own retries.
+
+    Providers raise it so the tick can tell a passing outage, worth another attempt when
+    nothing happened in Mana yet, from a request that will never succeed.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class RatingReply:
     payload: Any  # the structured ratings as the model gave them, or None

@@ -11,10 +11,17 @@ import json
 import re
 from typing import Any, cast
 
-from anthropic import AsyncAnthropic
-from anthropic.types import CacheControlEphemeralParam, MessageParam, TextBlockParam, ToolParam
+from anthropic import APIConnectionError, AsyncAnthropic, InternalServerError, Omit, RateLimitError, omit
+from anthropic.types import (
+    CacheControlEphemeralParam,
+    Message,
+    MessageParam,
+    TextBlockParam,
+    ToolChoiceParam,
+    ToolParam,
+)
 
-from runner.agent.loop import Entry, RatingReply, Results, ToolCall, ToolDef, Turn, Usage
+from runner.agent.loop import Entry, ModelUnavailable, RatingReply, Results, ToolCall, ToolDef, Turn, Usage
 from runner.agent.prompts import Language, start_message
 from runner.agent.rating import RATING_TOOL, rating_schema
 
@@ -63,12 +70,8 @@ class AnthropicProvider:
         self._from_api: dict[str, str] = {}
 
     async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
-        response = await self._client.messages.create(
-            model=self._model,
-            max_tokens=self._max_tokens,
-            system=_system(system),
-            tools=self._tools(tools),
-            messages=self._messages(transcript),
+        response = await self._create(
+            system=_system(system), tools=self._tools(tools), messages=self._messages(transcript)
         )
         text = " ".join(b.text for b in response.content if b.type == "text").strip()
         calls = [
@@ -93,9 +96,7 @@ class AnthropicProvider:
             "description": "Submit your ratings of the modules you used today.",
             "input_schema": rating_schema(modules),
         }
-        response = await self._client.messages.create(
-            model=self._model,
-            max_tokens=self._max_tokens,
+        response = await self._create(
             system=_system(system),
             # The history holds tool_use blocks, so the tools stay declared next to the rating tool.
             tools=[*self._tools(tools), rating_tool],
@@ -109,6 +110,27 @@ class AnthropicProvider:
                 )
         raw = " ".join(b.text for b in response.content if b.type == "text")
         return RatingReply(payload=None, raw=raw, usage=_usage(response.usage))
+
+    async def _create(
+        self,
+        *,
+        system: list[TextBlockParam],
+        tools: list[ToolParam],
+        messages: list[MessageParam],
+        tool_choice: ToolChoiceParam | Omit = omit,
+    ) -> Message:
+        try:
+            return await self._client.messages.create(
+                model=self._model,
+                max_tokens=self._max_tokens,
+                system=system,
+                tools=tools,
+                messages=messages,
+                tool_choice=tool_choice,
+            )
+        except (APIConnectionError, RateLimitError, InternalServerError) as exc:
+            # The SDK has already retried these; what is left is an outage, not a bad request.
+            raise ModelUnavailable(f"model unavailable: {type(exc).__name__}") from exc
 
     def _tools(self, tools: list[ToolDef]) -> list[ToolParam]:
         if not self._to_api:

@@ -65,6 +65,17 @@ ratings = sa.Table(
     sa.Column("rating", sa.Integer, nullable=False),
     sa.Column("notes", sa.Text),
 )
+# A persona whose password was refused is not tried again with the same secret: every
+# INVALID_CREDENTIALS counts toward Mana's lockout, and a wrong secret would otherwise
+# spend one attempt per window until the account locks. A new secret lifts the block.
+login_blocks = sa.Table(
+    "login_blocks",
+    _meta,
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("secret_fingerprint", sa.String(32), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
 batches = sa.Table(
     "batches",
     _meta,
@@ -181,6 +192,33 @@ class Journal:
                 .where(ticks.c.tick_id == tick_id)
                 .values(state="retry", last_error=error[:500], next_attempt_at=retry_at, updated_at=now)
             )
+
+    async def block_login(self, persona_id: str, secret_fingerprint: str, reason: str, now: float) -> None:
+        async with self._engine.begin() as conn:
+            exists = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(login_blocks)
+                .where(login_blocks.c.persona_id == persona_id, login_blocks.c.secret_fingerprint == secret_fingerprint)
+            )
+            if not exists:
+                await conn.execute(
+                    login_blocks.insert().values(
+                        persona_id=persona_id,
+                        secret_fingerprint=secret_fingerprint,
+                        reason=reason[:500],
+                        created_at=now,
+                    )
+                )
+
+    async def login_block(self, persona_id: str, secret_fingerprint: str) -> str | None:
+        """The reason this persona's login is not to be tried with this secret, if any."""
+        async with self._engine.connect() as conn:
+            reason = await conn.scalar(
+                sa.select(login_blocks.c.reason).where(
+                    login_blocks.c.persona_id == persona_id, login_blocks.c.secret_fingerprint == secret_fingerprint
+                )
+            )
+            return str(reason) if reason is not None else None
 
     async def begin_call(self, tick_id: str, seq: int, tool_name: str, input_hash: str | None) -> None:
         async with self._engine.begin() as conn:

@@ -9,6 +9,7 @@ happened in Mana, so the tick is deferred and run again, with the same tick id.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
 from runner.log import get_logger, register_secret
 from runner.mana.auth import AuthClient
-from runner.mana.errors import ManaError
+from runner.mana.errors import ApiError, ManaError, PermanentError
 from runner.mana.mcp import McpGateway, ToolSpec
 from runner.persona import TICK_ROW, ActionRow, DuePersona, derive_password, input_hash, module_of
 
@@ -44,6 +45,11 @@ class TickConfig:
     retry_base_s: float
     language: Language
     call_timeout_s: float = 60.0
+
+    @property
+    def secret_fingerprint(self) -> str:
+        """Names the seed secret in the journal without storing it."""
+        return hashlib.sha256(b"persona-runner/" + self.seed_secret.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +108,17 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
 async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress: _Progress) -> list[str]:
     """The persona's day; returns the modules it used (empty for a quiet day)."""
     config = deps.config
+    blocked = await deps.journal.login_block(persona.user_id, config.secret_fingerprint)
+    if blocked:
+        raise PermanentError(f"login: not attempted, refused before with this seed secret ({blocked})", stage="login")
     password = derive_password(config.seed_secret, persona.email)
     register_secret(password)
-    login = await deps.auth.login(persona.email, password)
+    try:
+        login = await deps.auth.login(persona.email, password)
+    except ApiError as exc:
+        if exc.code == "INVALID_CREDENTIALS":
+            await deps.journal.block_login(persona.user_id, config.secret_fingerprint, str(exc), time.time())
+        raise
     _stage(progress, "spaces")
     space_id = await deps.auth.personal_space(login.access_token)
 

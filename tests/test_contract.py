@@ -97,6 +97,21 @@ async def test_a_wrong_password_is_tried_once_and_the_others_complete(mana: Mana
     others = {a["personaId"] for a in await mana.get("actions")} - {locked["userId"]}
     assert len(others) == len(report.ticks) - 1 == 10
 
+    # Next day, same secret: no new attempt (each would count toward the lockout), but a row says why.
+    await mana.post("clock", {"now": "2026-11-26T09:30:00+00:00"})
+    await _once(settings)
+    logins = [entry["outcome"] for entry in await mana.get("logins") if entry["email"] == locked["email"]]
+    assert logins == ["INVALID_CREDENTIALS"]
+    rows = [a for a in await mana.get("actions") if a["personaId"] == locked["userId"]]
+    assert len(rows) == 2 and rows[1]["errorMessage"].startswith(
+        "login: not attempted, refused before with this seed secret"
+    )
+    # A different secret (the operator fixed the configuration) lifts the block.
+    await mana.post("clock", {"now": "2026-11-27T09:30:00+00:00"})
+    await _once(mana.settings(tmp_path, persona_seed_secret="another-secret-entirely"))
+    logins = [entry["outcome"] for entry in await mana.get("logins") if entry["email"] == locked["email"]]
+    assert logins == ["INVALID_CREDENTIALS", "INVALID_CREDENTIALS"]
+
 
 @pytest.mark.parametrize(
     ("options", "reason"),

@@ -14,9 +14,11 @@ SQLAlchemy Core keeps the SQL portable; SQLite (WAL, synchronous=FULL) is the de
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -85,7 +87,7 @@ batches = sa.Table(
     sa.Column("kind", sa.String(16), nullable=False),  # actions | feedback
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("rows", sa.Integer, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),  # pending | delivered | dead
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # pending | delivered | dead
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("last_error", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -120,6 +122,18 @@ class TickSummary:
 class Journal:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._write_lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction at a time.
+
+        SQLite has a single write lock; a writer holds it across event-loop round trips and
+        SQLite's busy handler only sleeps, so many concurrent ticks could time out on it
+        ("database is locked", seen at concurrency 32 in bench/). Queueing here is fair and never times out.
+        """
+        async with self._write_lock, self._engine.begin() as conn:
+            yield conn
 
     @classmethod
     async def open(cls, path: Path) -> Journal:
@@ -145,7 +159,7 @@ class Journal:
         self, persona_id: str, window: str, tick_id: str, now: float, retry_at_least: float | None = None
     ) -> Claim | None:
         """Take (persona, window) for one run; None when it is done, running or not yet due for a retry."""
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             row = (await conn.execute(sa.select(ticks).where(ticks.c.tick_id == tick_id))).mappings().first()
             if row is None:
                 await self._supersede_retries(conn, persona_id, tick_id, now)
@@ -186,7 +200,7 @@ class Journal:
 
     async def defer(self, tick_id: str, error: str, retry_at: float, now: float) -> None:
         """A failure before any tool call: nothing happened in Mana, so running again is safe."""
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 ticks.update()
                 .where(ticks.c.tick_id == tick_id)
@@ -194,7 +208,7 @@ class Journal:
             )
 
     async def block_login(self, persona_id: str, secret_fingerprint: str, reason: str, now: float) -> None:
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             exists = await conn.scalar(
                 sa.select(sa.func.count())
                 .select_from(login_blocks)
@@ -221,7 +235,7 @@ class Journal:
             return str(reason) if reason is not None else None
 
     async def begin_call(self, tick_id: str, seq: int, tool_name: str, input_hash: str | None) -> None:
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 calls.insert().values(
                     tick_id=tick_id, seq=seq, tool_name=tool_name, input_hash=input_hash, status="pending"
@@ -229,7 +243,7 @@ class Journal:
             )
 
     async def end_call(self, tick_id: str, seq: int, ok: bool, error_message: str | None, latency_ms: int) -> None:
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 calls.update()
                 .where(calls.c.tick_id == tick_id, calls.c.seq == seq)
@@ -237,7 +251,7 @@ class Journal:
             )
 
     async def save_ratings(self, tick_id: str, rows: Iterable[FeedbackRow]) -> None:
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             for row in rows:
                 await conn.execute(
                     ratings.insert().values(tick_id=tick_id, module=row.module, rating=row.rating, notes=row.notes)
@@ -245,7 +259,7 @@ class Journal:
 
     async def seal(self, tick_id: str, outcome: str, tick_row: ActionRow | None, now: float) -> None:
         """Freeze the tick's rows into batches; after this nothing about the tick changes."""
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             await self._seal(conn, tick_id, outcome, tick_row, now)
 
     async def _seal(
@@ -306,7 +320,7 @@ class Journal:
 
     async def recover(self, now: float) -> list[str]:
         """Close ticks a dead process left running; their day is never replayed."""
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             running = (await conn.execute(sa.select(ticks.c.tick_id).where(ticks.c.state == "running"))).scalars().all()
             for tick_id in running:
                 row = ActionRow(TICK_ROW, "error", error_message="interrupted: the runner stopped during this tick")
@@ -325,7 +339,7 @@ class Journal:
     async def mark_batch(
         self, batch_id: int, state: Literal["pending", "delivered", "dead"], error: str | None, now: float
     ) -> None:
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 batches.update()
                 .where(batches.c.id == batch_id)
@@ -346,7 +360,7 @@ class Journal:
 
     async def writable(self) -> bool:
         """For /ready: a real write transaction, not just an open file."""
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(sa.text("CREATE TABLE IF NOT EXISTS ready_probe (at REAL)"))
             await conn.execute(sa.text("DELETE FROM ready_probe"))
             await conn.execute(sa.text("INSERT INTO ready_probe (at) VALUES (:at)"), {"at": time.time()})

@@ -20,6 +20,29 @@ class Outbox:
         self._api = api
         # One sender at a time: two sweeps would post the same batch twice (harmless, but noise).
         self._lock = asyncio.Lock()
+        self._wanted = False
+        self._sender: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Ask for a sweep without waiting for it; requests made during a sweep fold into one more."""
+        self._wanted = True
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_while_wanted(), name="outbox")
+
+    async def flush(self) -> int:
+        """Let the background sender finish, then one last sweep; returns the backlog left."""
+        while self._sender is not None and not self._sender.done():
+            await asyncio.shield(self._sender)
+        return await self.deliver()
+
+    async def _send_while_wanted(self) -> None:
+        while self._wanted:
+            self._wanted = False
+            try:
+                await self.deliver()
+            except Exception as exc:  # noqa: BLE001 - the next wake or poll sweeps again; the journal keeps all
+                metrics.ERRORS.labels(stage="deliver").inc()
+                log.exception("delivery sweep crashed", error=str(exc))
 
     async def deliver(self) -> int:
         """One sweep over the backlog; returns what is still pending afterwards.

@@ -166,18 +166,21 @@ class Dispatcher:
         async with self._slots:
             if not self._accepting:
                 return
-            window = tick_window(persona.tick_cadence, server_time)
-            claim = await self._rt.journal.claim(persona.user_id, window, tick_id(persona.user_id, window), time.time())
-            if claim is None:
-                return  # done in this window, or waiting for its retry time
-            if self.claimed is not None:
-                self.claimed.append((persona, claim.tick_id))
             try:
+                window = tick_window(persona.tick_cadence, server_time)
+                tid = tick_id(persona.user_id, window)
+                claim = await self._rt.journal.claim(persona.user_id, window, tid, time.time())
+                if claim is None:
+                    return  # done in this window, or waiting for its retry time
+                if self.claimed is not None:
+                    self.claimed.append((persona, claim.tick_id))
                 await run_tick(self._rt.tick_deps, persona, claim)
             except Exception as exc:  # noqa: BLE001 - e.g. the journal's disk is full; keep the others going
                 metrics.ERRORS.labels(stage="tick").inc()
                 log.exception("tick crashed", persona=persona.email, error=str(exc))
-        await self._rt.outbox.deliver()
+                return
+        # The sender picks the new batches up; this task does not wait in line behind other sweeps.
+        self._rt.outbox.wake()
 
     async def wait_idle(self) -> None:
         while self._in_flight:
@@ -218,7 +221,7 @@ async def run_once(runtime: Runtime) -> RoundReport:
     dispatcher = Dispatcher(runtime, record=True)
     await dispatcher.poll()
     await dispatcher.wait_idle()
-    return RoundReport(ticks=dispatcher.claimed or [], backlog=await runtime.outbox.deliver())
+    return RoundReport(ticks=dispatcher.claimed or [], backlog=await runtime.outbox.flush())
 
 
 async def serve(runtime: Runtime) -> None:
@@ -259,7 +262,7 @@ async def serve(runtime: Runtime) -> None:
     scheduler.shutdown(wait=False)
     await dispatcher.drain(settings.drain_timeout_s)
     try:
-        backlog = await asyncio.wait_for(runtime.outbox.deliver(), timeout=FINAL_FLUSH_S)
+        backlog = await asyncio.wait_for(runtime.outbox.flush(), timeout=FINAL_FLUSH_S)
         log.info("outbox flushed", backlog=backlog)
     except TimeoutError:
         log.warning("outbox not flushed before exit; the journal keeps it for the next start")

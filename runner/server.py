@@ -107,7 +107,7 @@ class HttpHandle:
 
 
 async def start_http(runtime: Runtime, dispatcher: Dispatcher, host: str = "0.0.0.0") -> HttpHandle:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, runtime.settings.port))
     config = uvicorn.Config(build_app(runtime, dispatcher), log_level="warning", access_log=False, lifespan="off")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class TickConfig:
     retry_base_s: float
     language: Language
     call_timeout_s: float = 60.0
+    # One TLS context for every MCP session of the process, built once.
+    tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
 
     @property
     def secret_fingerprint(self) -> str:
@@ -75,6 +78,7 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
     try:
         async with asyncio.timeout(deps.config.timeout_s):
             modules = await _play_day(deps, persona, claim, progress)
+        _stage(progress, "seal")
         # A quiet day still leaves a row: without one the persona stays due and runs at every poll.
         tick_row = None if progress.play.calls else ActionRow(TICK_ROW, "ok")
         await deps.journal.seal(claim.tick_id, "ok", tick_row, time.time())
@@ -127,7 +131,8 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         return (await deps.auth.login(persona.email, password)).access_token
 
     _stage(progress, "mcp")
-    async with McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s) as gateway:
+    gateway = McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s, config.tls)
+    async with gateway:
         specs = await gateway.tools()
         offered = [s for s in specs if not s.destructive]  # never hand the model a destructive tool
         tools = [ToolDef(s.name, s.description, s.input_schema) for s in offered]

@@ -290,3 +290,14 @@ async def test_retry_policy_honours_retry_after_and_stops() -> None:
     with pytest.raises(TransportError):
         await RetryPolicy(attempts=4, base_s=0.01).run(outage)
     assert len(down) == 4
+
+
+def test_redaction_removes_registered_secrets_longest_first_and_any_jwt() -> None:
+    from runner.log import REDACTED, redact, register_secret
+
+    register_secret("short")  # too short to register: it would eat ordinary words
+    register_secret("abcdef-secret")
+    register_secret("abcdef-secret-longer")
+    jwt_like = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2lnbmF0dXJlLWJ5dGVz"
+    text = f"short abcdef-secret-longer / abcdef-secret / Bearer {jwt_like}"
+    assert redact(text) == f"short {REDACTED} / {REDACTED} / Bearer {REDACTED}"

@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx
 
-from runner.log import register_secret
 from runner.mana.errors import PermanentError, RetryPolicy, request_json
 
 
@@ -41,9 +40,8 @@ class AuthClient:
         if not isinstance(token, str) or not token:
             # `token`/`refreshToken` are session tokens mana-mcp refuses; without the JWT this login is useless.
             raise PermanentError("login: answer carried no accessToken (JWT not minted)", stage="login")
-        register_secret(token)
-        for session_token in (body.get("token"), body.get("refreshToken")):
-            register_secret(session_token if isinstance(session_token, str) else None)
+        # Not registered for redaction: the log processor removes anything JWT-shaped, and the
+        # session tokens are never handed to a logger. Registering one per login would grow forever.
         user_id = user.get("id") if isinstance(user, dict) else None
         return Login(user_id=str(user_id or ""), access_token=token)
 

@@ -358,6 +358,30 @@ class Journal:
             )
             return int(count or 0)
 
+    async def prune(self, before: float) -> int:
+        """Forget ticks sealed before `before` whose every batch the API accepted.
+
+        Keeps the journal's size flat over weeks. A tick with a pending or dead batch stays:
+        its rows are not safe anywhere else yet. Claims only ever look at the current window,
+        so pruning ticks older than a day changes no decision.
+        """
+        async with self._write() as conn:
+            unfinished = sa.select(batches.c.tick_id).where(batches.c.state != "delivered")
+            old = (
+                (
+                    await conn.execute(
+                        sa.select(ticks.c.tick_id).where(
+                            ticks.c.state == "sealed", ticks.c.updated_at < before, ticks.c.tick_id.not_in(unfinished)
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for table in (calls, ratings, batches, ticks):
+                await conn.execute(table.delete().where(table.c.tick_id.in_(old)))
+            return len(old)
+
     async def writable(self) -> bool:
         """For /ready: a real write transaction, not just an open file."""
         async with self._write() as conn:

@@ -31,6 +31,7 @@ from runner.tick import ProviderFactory, TickConfig, TickDeps, run_tick
 log = get_logger("runner.scheduler")
 
 FINAL_FLUSH_S = 10.0
+PRUNE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,7 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(runtime.settings.persona_concurrency)
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._accepting = True
+        self._pruned_at = 0.0
         self.paused = runtime.settings.runner_paused
         metrics.PAUSED.set(int(self.paused))
 
@@ -155,12 +157,22 @@ class Dispatcher:
         """The scheduled job: never raises, so one bad poll does not stop the schedule."""
         try:
             await self._rt.outbox.deliver()
+            await self._prune_hourly()
             await self.poll()
         except PollError as exc:
             log.error("poll failed", error=str(exc))
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one poll
             metrics.ERRORS.labels(stage="poll").inc()
             log.exception("poll crashed", error=str(exc))
+
+    async def _prune_hourly(self) -> None:
+        now = time.time()
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        pruned = await self._rt.journal.prune(now - self._rt.settings.runner_retention_days * 86_400)
+        if pruned:
+            log.info("journal pruned", ticks=pruned)
 
     async def _run(self, persona: DuePersona, server_time: datetime) -> None:
         async with self._slots:

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     persona_max_attempts: int = Field(default=3, ge=1, le=20)
     persona_retry_base_s: float = Field(default=60, ge=0)
     drain_timeout_s: float = Field(default=30, ge=0)
+    # Longer than any cadence window (a day), so pruning never forgets a claim still in force.
+    runner_retention_days: float = Field(default=7, ge=2)
 
     runner_paused: bool = False
     runner_env: Literal["development", "production"] = "development"

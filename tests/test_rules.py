@@ -301,3 +301,25 @@ def test_redaction_removes_registered_secrets_longest_first_and_any_jwt() -> Non
     jwt_like = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2lnbmF0dXJlLWJ5dGVz"
     text = f"short abcdef-secret-longer / abcdef-secret / Bearer {jwt_like}"
     assert redact(text) == f"short {REDACTED} / {REDACTED} / Bearer {REDACTED}"
+
+
+async def test_prune_forgets_only_ticks_whose_rows_all_landed(tmp_path: Path) -> None:
+    from runner.journal import Journal
+
+    journal = await Journal.open(tmp_path / "j.db")
+    try:
+        for tick in ("landed", "pending", "fresh"):
+            assert await journal.claim(f"p-{tick}", "2026-11-20", tick, now=100.0)
+            await journal.begin_call(tick, 0, "todo.create", "0123456789abcdef")
+            await journal.end_call(tick, 0, True, None, 5)
+            await journal.seal(tick, "ok", None, now=1000.0 if tick == "fresh" else 100.0)
+        for batch in await journal.pending_batches():
+            if batch.tick_id != "pending":
+                await journal.mark_batch(batch.id, "delivered", None, now=200.0)
+        assert await journal.prune(before=500.0) == 1
+        assert await journal.tick_state("landed") is None
+        assert await journal.tick_state("pending") is not None and await journal.tick_state("fresh") is not None
+        assert [b.tick_id for b in await journal.pending_batches()] == ["pending"]
+        assert await journal.claim("p-landed", "2026-11-20", "landed", now=600.0) is not None  # old window: harmless
+    finally:
+        await journal.close()

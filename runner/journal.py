@@ -31,8 +31,6 @@ from runner.persona import TICK_ROW, ActionRow, FeedbackRow
 ACTIONS_PER_BATCH = 500
 FEEDBACK_PER_BATCH = 100
 
-TickState = Literal["running", "retry", "sealed"]
-
 _meta = sa.MetaData()
 ticks = sa.Table(
     "ticks",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -83,18 +84,28 @@ class PersonasApi:
         rows.sort(key=lambda p: (p["last_active_at"] is not None, p["last_active_at"] or "", p["seq"]))
         return JSONResponse({"personas": [due_row(p) for p in rows], "serverTime": iso(now)})
 
-    async def actions(self, request: Request) -> Response:
-        if (refused := self._refuse(request, "actions")) is not None:
+    async def _batch(
+        self, request: Request, kind: str, limit: int, check: Callable[[dict[str, Any], int], None]
+    ) -> tuple[str, list[dict[str, Any]]] | Response:
+        """The checks both row routes share, in the contract's order: fault, key, body, persona."""
+        if (refused := self._refuse(request, kind)) is not None:
             return refused
         try:
-            rows = _rows(await request.body(), "actions", MAX_ACTIONS)
+            rows = _rows(await request.body(), kind, limit)
             for i, row in enumerate(rows):
-                _check_action(row, i)
+                check(row, i)
         except _Invalid as exc:
             return _bad(str(exc))
         persona_id = request.path_params["id"]
         if self.store.persona(persona_id) is None:
             return JSONResponse({"error": "Persona not found"}, status_code=404)
+        return persona_id, rows
+
+    async def actions(self, request: Request) -> Response:
+        accepted = await self._batch(request, "actions", MAX_ACTIONS, _check_action)
+        if isinstance(accepted, Response):
+            return accepted
+        persona_id, rows = accepted
         now = iso(self.clock.now())
         with self.store.transaction() as db:
             db.executemany(
@@ -120,17 +131,10 @@ class PersonasApi:
         return JSONResponse({"ok": True, "written": len(rows)})
 
     async def feedback(self, request: Request) -> Response:
-        if (refused := self._refuse(request, "feedback")) is not None:
-            return refused
-        try:
-            rows = _rows(await request.body(), "feedback", MAX_FEEDBACK)
-            for i, row in enumerate(rows):
-                _check_feedback(row, i)
-        except _Invalid as exc:
-            return _bad(str(exc))
-        persona_id = request.path_params["id"]
-        if self.store.persona(persona_id) is None:
-            return JSONResponse({"error": "Persona not found"}, status_code=404)
+        accepted = await self._batch(request, "feedback", MAX_FEEDBACK, _check_feedback)
+        if isinstance(accepted, Response):
+            return accepted
+        persona_id, rows = accepted
         now = iso(self.clock.now())
         with self.store.transaction() as db:
             # One rating per module per tick; lastActiveAt is deliberately left alone.

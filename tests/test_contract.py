@@ -17,7 +17,8 @@ from runner.sandbox import Sandbox, SandboxConfig
 from runner.scheduler import RoundReport, open_runtime, run_once
 from runner.settings import Settings
 
-DESTRUCTIVE = {"todo.delete", "notes.delete", "habits.archive", "todo.bulkImport"}
+# Marked destructiveHint true by the sandbox; todo.bulkImport has no hints, so settings decide (offered).
+DESTRUCTIVE = {"todo.delete", "notes.delete", "habits.archive"}
 
 
 async def _once(settings: Settings) -> RoundReport:
@@ -219,7 +220,7 @@ async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_
     assert len([x for x in fake_anthropic.exchanges if x.status != 200]) == 3  # overloads were retried by the SDK
     offered = {t["name"] for x in ok for t in x.body["tools"]}
     assert (
-        "todo_create" in offered and not {"todo_delete", "notes_delete", "habits_archive", "todo_bulkImport"} & offered
+        "todo_create" in offered and not {"todo_delete", "notes_delete", "habits_archive"} & offered
     )
     assert all(x.body["system"][0].get("cache_control") for x in ok)
     ratings = [x for x in ok if x.body.get("tool_choice", {}).get("type") == "tool"]

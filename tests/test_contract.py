@@ -219,9 +219,7 @@ async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_
     ok = [x for x in fake_anthropic.exchanges if x.status == 200]
     assert len([x for x in fake_anthropic.exchanges if x.status != 200]) == 3  # overloads were retried by the SDK
     offered = {t["name"] for x in ok for t in x.body["tools"]}
-    assert (
-        "todo_create" in offered and not {"todo_delete", "notes_delete", "habits_archive"} & offered
-    )
+    assert "todo_create" in offered and not {"todo_delete", "notes_delete", "habits_archive"} & offered
     assert all(x.body["system"][0].get("cache_control") for x in ok)
     ratings = [x for x in ok if x.body.get("tool_choice", {}).get("type") == "tool"]
     # The play tools are one cached prefix, shared by the rating request (its tool comes after).

@@ -17,6 +17,11 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The one place runner-level tests pick the sandbox's MCP surface: the real one (mana-tools.json, no
+# annotations), as the runner meets it in production. The annotated variant with its destructive bait
+# has tests of its own (test_mcp_runner.py), which keep the annotation path of the tool policy tested.
+MCP_SURFACE = "real"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -71,6 +76,8 @@ def start_sandbox(tmp: Path, *, seed_secret: str, service_key: str, python: str 
             seed_secret,
             "--service-key",
             service_key,
+            "--mcp-surface",
+            MCP_SURFACE,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,

@@ -6,22 +6,32 @@ sandbox provides login and the personas API, a hostile server (tests/hostile_mcp
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import time
+from asyncio.subprocess import PIPE
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from conftest import WEEKDAY, Mana
+import structlog.testing
+from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana
 from fake_anthropic import FakeAnthropic
 from hostile_mcp import HostileMcp, tool
+from procs import ROOT
 
 from runner.agent.loop import Entry, RatingReply, ToolCall, ToolDef, Turn
 from runner.mana.mcp import MAX_TOOL_PAGES, MAX_TOOLS
 from runner.persona import TICK_ROW, DuePersona, input_hash, tick_id, tick_window
-from runner.scheduler import open_runtime
+from runner.sandbox import Sandbox, SandboxConfig
+from runner.sandbox.mana_tools import BAIT_TOOL
+from runner.scheduler import RoundReport, open_runtime, run_once
+from runner.settings import Settings
 from runner.tick import Outcome, run_tick
 
 
@@ -50,10 +60,16 @@ class Script:
 
 
 async def _tick(
-    mana: Mana, tmp_path: Path, mcp_url: str, provider: Any | None, name: str = "hostile", **overrides: Any
+    mana: Mana,
+    tmp_path: Path,
+    mcp_url: str,
+    provider: Any | None,
+    name: str = "hostile",
+    spec: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> tuple[Outcome, str, list[dict[str, Any]], dict[str, Any]]:
-    """One claimed tick for a fresh persona against `mcp_url`; its outcome, tick id, landed rows, journal state."""
-    spec = await mana.add_persona(name)
+    """One claimed tick for a (fresh) persona against `mcp_url`; its outcome, tick id, landed rows, journal state."""
+    spec = spec or await mana.add_persona(name)
     persona = DuePersona(userId=spec["userId"], email=spec["email"], tickCadence="daily", moduleMix={"todo": 1.0})
     settings = mana.settings(tmp_path, mana_mcp_url=mcp_url, **overrides)
     tid = tick_id(persona.user_id, tick_window("daily", datetime.fromisoformat(WEEKDAY)))
@@ -250,14 +266,13 @@ async def test_a_session_refused_from_the_start_is_not_renewed(mana: Mana, tmp_p
     assert _logins(await mana.get("logins"), "persona.nospace@mana.test") == ["OK"]
 
 
-async def test_a_policy_that_leaves_no_tool_fails_the_tick_loudly(
-    mana: Mana, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_a_policy_that_leaves_no_tool_fails_the_tick_loudly(mana: Mana, tmp_path: Path) -> None:
     served = [tool("todo.create"), tool("todo.deleteAll"), tool("notes.search", destructive=True)]
     async with HostileMcp(tools=served) as server:
-        outcome, _, rows, _ = await _tick(
-            mana, tmp_path, server.url, Script([("todo.create", {})]), persona_tools_deny="todo.c*"
-        )
+        with structlog.testing.capture_logs() as logged:
+            outcome, _, rows, _ = await _tick(
+                mana, tmp_path, server.url, Script([("todo.create", {})]), persona_tools_deny="todo.c*"
+            )
         assert server.calls() == []
     assert outcome == "failed"
     assert [(r["toolName"], r["result"], r["errorMessage"]) for r in rows] == [
@@ -267,5 +282,168 @@ async def test_a_policy_that_leaves_no_tool_fails_the_tick_loudly(
             "no tools offered: all 3 withheld by policy (deny-setting: 1, destructive-hint: 1, destructive-verb: 1)",
         )
     ]
-    logged = capsys.readouterr()
-    assert "no tools offered" in logged.out + logged.err
+    assert [e["log_level"] for e in logged if e["event"].startswith("no tools offered")] == ["warning"]
+
+
+# --- on the sandbox: the real surface and the annotated one ---------------------------------
+
+TOOL_NAMES = [
+    t["name"] for t in json.loads((ROOT / "runner" / "sandbox" / "mana-tools.json").read_text("utf-8"))["tools"]
+]
+
+
+async def test_once_offers_every_tool_of_the_real_surface_and_rows_land(mana: Mana, tmp_path: Path) -> None:
+    scripts: list[Script] = []
+
+    def make(persona: DuePersona, tick: str) -> Script:
+        scripts.append(Script([("todo.create", {"title": "Einkaufen"})], [("todo.list", {})]))
+        return scripts[-1]
+
+    async with open_runtime(mana.settings(tmp_path)) as runtime:
+        object.__setattr__(runtime, "tick_deps", replace(runtime.tick_deps, make_provider=make))
+        report = await run_once(runtime)
+    assert report.backlog == 0 and len(report.ticks) == len(scripts) == 10
+    assert all(s.offered == TOOL_NAMES for s in scripts)  # no annotations: nothing withheld by default
+    actions = await mana.get("actions")
+    for _, tick in report.ticks:
+        rows = [(a["toolName"], a["result"]) for a in actions if a["tickId"] == tick]
+        assert rows == [("todo.create", "ok"), ("todo.list", "ok")]
+    assert len(await mana.get("mcp-calls")) == 20
+
+
+async def test_on_the_annotated_surface_destructive_tools_are_withheld_and_the_bait_never_called(
+    tmp_path: Path,
+) -> None:
+    config = SandboxConfig(
+        db_path=str(tmp_path / "sb.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, mcp_surface="annotated"
+    )
+    async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url) as control:
+        world = Mana(sandbox, config, control)
+        await world.post("clock", {"now": WEEKDAY})
+        script = Script([(BAIT_TOOL, {}), ("todo.list", {}), ("todo.create", {"title": "x"})])
+        outcome, _, rows, _ = await _tick(world, tmp_path, sandbox.mcp_url, script)
+        calls = [c["tool"] for c in await world.get("mcp-calls")]
+    assert outcome == "ok"
+    assert script.offered == TOOL_NAMES  # read and write tools offered by their hints; the bait is not
+    assert [(r["toolName"], r["result"]) for r in rows] == [
+        (BAIT_TOOL, "error"),
+        ("todo.list", "ok"),
+        ("todo.create", "ok"),
+    ]
+    assert BAIT_TOOL not in calls and calls == ["todo.list", "todo.create"]
+
+
+async def test_a_policy_withholding_everything_is_an_error_row_and_a_warning_not_a_quiet_day(
+    mana: Mana, tmp_path: Path
+) -> None:
+    with structlog.testing.capture_logs() as logged:
+        report = await _once_with(mana.settings(tmp_path, persona_tools_deny="*"))
+    assert len(report.ticks) == 10 and report.backlog == 0
+    actions = await mana.get("actions")
+    expected = "no tools offered: all 33 withheld by policy (deny-setting: 33)"
+    assert [(a["toolName"], a["result"], a["errorMessage"]) for a in actions] == [(TICK_ROW, "error", expected)] * 10
+    assert await mana.get("mcp-calls") == []
+    warnings = [e for e in logged if e["event"].startswith("no tools offered")]
+    assert len(warnings) == 10 and all(e["log_level"] == "warning" for e in warnings)
+    async with open_runtime(mana.settings(tmp_path)) as runtime:
+        summaries = await runtime.journal.summaries([t for _, t in report.ticks])
+    assert {s.outcome for s in summaries.values()} == {"failed"}
+
+
+async def test_a_jwt_expired_mid_tick_renews_once_in_a_new_session_and_one_tick_keeps_all_rows(
+    mana: Mana, tmp_path: Path
+) -> None:
+    class ExpiresAfterFirstCall(Script):
+        async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
+            if sum(1 for e in transcript if isinstance(e, Turn)) == 1:
+                await mana.post("jwt/expire", {"userId": user_id})  # from now on the tick's JWT is expired
+            return await super().next_turn(system, tools, transcript)
+
+    spec = await mana.add_persona("expiring")
+    user_id = spec["userId"]
+    script = ExpiresAfterFirstCall(
+        [("todo.create", {"title": "Zahnarzt"})], [("todo.list", {})], [("todo.create", {"title": "Post"})]
+    )
+    outcome, tid, rows, _ = await _tick(mana, tmp_path, mana.sandbox.mcp_url, script, spec=spec)
+    assert outcome == "ok"
+    assert [(r["toolName"], r["result"]) for r in rows] == [
+        ("todo.create", "ok"),
+        ("todo.list", "ok"),
+        ("todo.create", "ok"),
+    ]
+    assert [r["id"] for r in rows] == [f"{tid}-{i}-{r['toolName']}" for i, r in enumerate(rows)]
+    assert _logins(await mana.get("logins"), spec["email"]) == ["OK", "OK"]  # exactly one renewal
+    # The handlers answered with a fresh JWT: the old session's would have failed with the expired one.
+    calls = [c for c in await mana.get("mcp-calls") if c["userId"] == user_id]
+    assert [(c["tool"], c["isError"]) for c in calls] == [
+        ("todo.create", False),
+        ("todo.list", False),
+        ("todo.create", False),
+    ]
+
+
+async def test_a_validation_error_row_carries_the_field_and_the_message(mana: Mana, tmp_path: Path) -> None:
+    script = Script([("habits.create", {"title": "Kaffee", "color": "blau"}), ("habits.create", {"title": ""})])
+    outcome, _, rows, _ = await _tick(mana, tmp_path, mana.sandbox.mcp_url, script)
+    assert outcome == "ok"
+    assert [r["errorMessage"] for r in rows] == [
+        "Invalid arguments for tool habits.create: color: Invalid (regex)",
+        "Invalid arguments for tool habits.create: title: String must contain at least 1 character(s)",
+    ]
+
+
+async def _once_with(settings: Settings) -> RoundReport:
+    async with open_runtime(settings) as runtime:
+        return await run_once(runtime)
+
+
+# --- python -m runner tools EMAIL -----------------------------------------------------------
+
+
+async def _cli(mana: Mana, tmp_path: Path, *args: str, **env: str) -> tuple[int, str, str]:
+    values = {k: v for k, v in os.environ.items() if not k.startswith(("MANA_", "PERSONA_", "RUNNER_", "LLM_"))}
+    values.update(
+        MANA_API_URL=mana.sandbox.api_url,
+        MANA_AUTH_URL=mana.sandbox.auth_url,
+        MANA_MCP_URL=mana.sandbox.mcp_url,
+        MANA_SERVICE_KEY=SERVICE_KEY,
+        PERSONA_SEED_SECRET=SEED_SECRET,
+        RUNNER_STATE_PATH=str(tmp_path / "runner.db"),
+        LOG_FORMAT="json",
+        **env,
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runner", *args, cwd=ROOT, env=values, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_tools_command_prints_each_served_tool_with_its_decision(mana: Mana, tmp_path: Path) -> None:
+    anna = (await mana.get("personas"))[0]["email"]
+    code, out, err = await _cli(mana, tmp_path, "tools", anna, PERSONA_TOOLS_DENY="comic.*", PERSONA_TOOLS_ALLOW="")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["tool", "decision", "rule", "reason"]
+    table = {line.split()[0]: line.split(maxsplit=3)[1:] for line in lines[2:-1]}
+    assert list(table) == TOOL_NAMES
+    assert table["todo.create"] == ["offered", "default", "no hints; no deny rule matches"]
+    assert table["comic.createStory"] == ["withheld", "deny-setting", "PERSONA_TOOLS_DENY pattern 'comic.*'"]
+    assert lines[-1] == "33 served, 25 offered, 8 withheld"
+    assert "eyJ" not in out + err and "Traceback" not in err
+
+
+async def test_the_tools_command_never_spends_a_lockout_attempt_and_refuses_bad_globs(
+    mana: Mana, tmp_path: Path
+) -> None:
+    locked = await mana.add_persona("clilocked", wrongSeed=True)
+    first = await _cli(mana, tmp_path, "tools", locked["email"])
+    second = await _cli(mana, tmp_path, "tools", locked["email"])
+    assert (first[0], second[0]) == (1, 1)
+    assert first[2].strip().splitlines()[-1].startswith("error: login: HTTP 401 INVALID_CREDENTIALS")
+    assert second[2].strip().splitlines()[-1].startswith("error: login: not attempted, refused before")
+    assert _logins(await mana.get("logins"), locked["email"]) == ["INVALID_CREDENTIALS"]  # one attempt, not two
+
+    code, out, err = await _cli(mana, tmp_path, "tools", "persona.x@mana.test", PERSONA_TOOLS_ALLOW="todo.[abc")
+    assert code == 2 and err.strip() == "error: PERSONA_TOOLS_ALLOW: 'todo.[abc' has an unclosed or stray bracket"

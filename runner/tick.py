@@ -28,7 +28,7 @@ from runner.journal import Claim, Journal
 from runner.log import get_logger, register_secret
 from runner.mana.auth import AuthClient, Login
 from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
-from runner.mana.mcp import McpGateway, SpaceRefused, ToolSpec, error_message
+from runner.mana.mcp import McpGateway, ToolSpec, error_message
 from runner.persona import TICK_ROW, ActionRow, DuePersona, derive_password, input_hash, module_of
 
 log = get_logger("runner.tick")
@@ -161,10 +161,13 @@ async def _login(config: TickConfig, auth: AuthClient, journal: Journal, email: 
         raise
 
 
-def _gateway(config: TickConfig, auth: AuthClient, email: str, login: Login, space_id: str) -> McpGateway:
+def _gateway(
+    config: TickConfig, auth: AuthClient, journal: Journal, email: str, user_id: str | None, login: Login, space_id: str
+) -> McpGateway:
     async def fresh_token() -> str:
         # Re-login rather than refresh: the derived password always works and needs no session state.
-        return (await auth.login(email, derive_password(config.seed_secret, email))).access_token
+        # Through _login, so even a renewal never spends a lockout attempt twice.
+        return (await _login(config, auth, journal, email, user_id)).access_token
 
     return McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s, config.tls)
 
@@ -186,7 +189,7 @@ async def served_tools(config: TickConfig, auth: AuthClient, journal: Journal, e
     """What `python -m runner tools EMAIL` shows: the served list with the policy's decision per tool."""
     login = await _login(config, auth, journal, email, None)
     space_id = await auth.personal_space(login.access_token)
-    async with _gateway(config, auth, email, login, space_id) as gateway:
+    async with _gateway(config, auth, journal, email, None, login, space_id) as gateway:
         return config.policy.decide(await gateway.tools())
 
 
@@ -198,7 +201,7 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     space_id = await deps.auth.personal_space(login.access_token)
 
     _stage(progress, "mcp")
-    async with _gateway(config, deps.auth, persona.email, login, space_id) as gateway:
+    async with _gateway(config, deps.auth, deps.journal, persona.email, persona.user_id, login, space_id) as gateway:
         specs = await gateway.tools()
         _stage(progress, "tools")
         decisions = _decide(config.policy, specs)
@@ -275,7 +278,7 @@ class _JournaledCalls:
             self._in_flight = (seq, started)
             try:
                 outcome = await self._gateway.call(call.name, call.input)
-            except SpaceRefused as exc:
+            except ManaError as exc:  # the session is gone (refused space, failed renewal): the tick ends
                 self._in_flight = None
                 await self._end(seq, False, str(exc), started)
                 raise

@@ -256,6 +256,32 @@ async def test_a_401_right_after_renewal_is_a_refused_space_not_a_loop(mana: Man
     assert _logins(await mana.get("logins"), "persona.refused@mana.test") == ["OK", "OK"]  # renewed once, then stopped
 
 
+async def test_a_renewal_whose_login_fails_ends_the_tick_instead_of_retrying_per_call(
+    mana: Mana, tmp_path: Path
+) -> None:
+    class LoginBreaksAfterFirstCall(Script):
+        async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
+            if sum(1 for e in transcript if isinstance(e, Turn)) == 1:
+                await mana.post("faults", {"route": "login", "status": 400, "count": 100})
+            return await super().next_turn(system, tools, transcript)
+
+    script = LoginBreaksAfterFirstCall(
+        [("todo.list", {})], [("todo.create", {"title": "A"})], [("todo.list", {})], [("todo.list", {})], pause_s=1.1
+    )
+    server = HostileMcp()
+    server.refuse = lambda token, method: token == _token_after(server, 2)
+    async with server:
+        outcome, _, rows, _ = await _tick(mana, tmp_path, server.url, script)
+        assert [c.tool for c in server.calls()] == ["todo.list", "todo.create"]  # nothing after the failed renewal
+    assert outcome == "failed"
+    assert [(r["toolName"], r["result"]) for r in rows] == [
+        ("todo.list", "ok"),
+        ("todo.create", "error"),
+        (TICK_ROW, "error"),
+    ]
+    assert rows[1]["errorMessage"].startswith("login: HTTP 400") and rows[2]["errorMessage"] == rows[1]["errorMessage"]
+
+
 async def test_a_session_refused_from_the_start_is_not_renewed(mana: Mana, tmp_path: Path) -> None:
     server = HostileMcp(refuse=lambda token, method: True)
     async with server:

@@ -343,7 +343,7 @@ async def test_a_tick_timeout_keeps_what_was_done_and_says_why(mana: Mana, tmp_p
     calls = Counter(c["userId"] for c in await mana.get("mcp-calls"))
     tools = [a for a in actions if a["toolName"] != TICK_ROW]
     cut = [a for a in tools if (a.get("errorMessage") or "").startswith("outcome unknown")]
-    assert all(a["errorMessage"] == "outcome unknown: the tick timed out during the call" for a in cut), [a["errorMessage"] for a in cut]
+    assert {a["errorMessage"] for a in cut} <= {"outcome unknown: the tick timed out during the call"}
     assert Counter(a["personaId"] for a in tools if a not in cut) <= calls <= Counter(a["personaId"] for a in tools)
 
 

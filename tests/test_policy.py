@@ -5,15 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner import metrics
-from runner.agent.policy import DESTRUCTIVE_VERBS, Decision, ToolPolicy, destructive_verb, parse_patterns, summary
+from runner.agent.policy import (
+    DESTRUCTIVE_VERBS,
+    MAX_SCHEMA_CHARS,
+    Decision,
+    ToolPolicy,
+    destructive_verb,
+    parse_patterns,
+    summary,
+)
 from runner.agent.providers.anthropic import api_names
 from runner.agent.rating import RATING_TOOL
 from runner.mana.mcp import ERROR_MESSAGE_LIMIT, error_message
@@ -36,6 +45,7 @@ class Served:
     name: str
     read_only_hint: bool | None = None
     destructive_hint: bool | None = None
+    input_schema: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
 
 
 def _decide(policy: ToolPolicy, *tools: Served | str) -> dict[str, Decision]:
@@ -151,6 +161,40 @@ def test_a_name_served_twice_is_withheld_in_every_copy() -> None:
 def test_names_outside_the_mcp_alphabet_are_withheld(name: str) -> None:
     decision = ToolPolicy().decide([Served(name)])[0]
     assert (decision.offered, decision.rule) == (False, "illegal-name")
+
+
+def test_a_huge_input_schema_is_withheld_and_the_real_ones_are_far_below_the_limit() -> None:
+    huge = {"type": "object", "description": "x" * MAX_SCHEMA_CHARS}
+    decision = ToolPolicy().decide([Served("todo.create", read_only_hint=True, input_schema=huge)])[0]
+    assert (decision.offered, decision.rule) == (False, "schema-too-large")
+    real = json.loads(TOOLS_JSON.read_text())["tools"]
+    assert max(len(json.dumps(t["inputSchema"], ensure_ascii=False)) for t in real) < MAX_SCHEMA_CHARS // 10
+
+
+_hint = st.sampled_from([None, True, False])
+_served = st.lists(
+    st.builds(
+        Served,
+        name=st.one_of(st.text(max_size=40), st.sampled_from(REAL_NAMES + ["todo.deleteAll", "x.purge"])),
+        read_only_hint=_hint,
+        destructive_hint=_hint,
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300)
+@given(_served, st.sampled_from(["", "todo.*", "*"]), st.sampled_from(["", "comic.*", "*.list"]))
+def test_any_tool_list_gets_one_decision_each_and_never_offers_what_a_deny_rule_catches(
+    served: list[Served], allow: str, deny: str
+) -> None:
+    decisions = ToolPolicy.from_settings(allow, deny).decide(served)
+    assert [d.name for d in decisions] == [t.name for t in served]
+    offered = [d.name for d, t in zip(decisions, served, strict=True) if d.offered and t.destructive_hint is not True]
+    assert offered == [d.name for d in decisions if d.offered]  # destructiveHint true is never offered
+    assert len(set(offered)) == len(offered)  # a duplicated name is never offered
+    assert not any(destructive_verb(name) for name in offered)
+    assert all(d.reason.startswith("offered: " if d.offered else "withheld: ") for d in decisions)
 
 
 @pytest.mark.parametrize("value", ["todo create", "todo.[abc", "todo.]", "todo.[[a]]", "über.*", "todo/*"])

@@ -6,10 +6,11 @@ a silent empty day. So hints decide when the server sends them, settings decide 
 
   1. a name served more than once      -> withheld (which copy would be called is unknowable)
   2. a name that is not a legal MCP name -> withheld (it would end in rows and metric labels)
-  3. destructiveHint true               -> withheld, also next to readOnlyHint true (destructive wins)
-  4. PERSONA_TOOLS_DENY matches         -> withheld
-  5. a destructive verb (built-in list) -> withheld
-  6. PERSONA_TOOLS_ALLOW set, no match  -> withheld
+  3. an input schema over MAX_SCHEMA_CHARS -> withheld (it would go to the model on every turn)
+  4. destructiveHint true               -> withheld, also next to readOnlyHint true (destructive wins)
+  5. PERSONA_TOOLS_DENY matches         -> withheld
+  6. a destructive verb (built-in list) -> withheld
+  7. PERSONA_TOOLS_ALLOW set, no match  -> withheld
   otherwise offered (readOnlyHint true, destructiveHint false, an allow pattern, or the default).
 
 Any withholding rule wins over any offering one: no setting and no hint offers a tool a deny
@@ -21,11 +22,12 @@ the model asks for it.
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 # Matched on each dotted part after the module, case-insensitively, as a prefix: `todo.deleteAll`,
 # `notes.remove_tag` and `space.PurgeTrash` are caught. A prefix also catches a harmless
@@ -51,6 +53,10 @@ DESTRUCTIVE_VERBS: tuple[str, ...] = (
     "wipe",
 )
 
+# The real gateway's largest input schema is under 2 000 characters (mana-tools.json); a schema
+# far beyond that is a server bug or an attack, and the model would be sent it on every turn.
+MAX_SCHEMA_CHARS = 32_000
+
 # The MCP spec's tool-name alphabet and length (sdk-notes.md).
 LEGAL_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # A pattern may use that alphabet plus fnmatch's wildcards.
@@ -59,6 +65,7 @@ _PATTERN = re.compile(r"[A-Za-z0-9._\-*?\[\]!]{1,128}")
 Rule = Literal[
     "duplicate-name",
     "illegal-name",
+    "schema-too-large",
     "destructive-hint",
     "deny-setting",
     "destructive-verb",
@@ -68,18 +75,6 @@ Rule = Literal[
     "allow-setting",
     "default",
 ]
-RULES: tuple[Rule, ...] = (
-    "duplicate-name",
-    "illegal-name",
-    "destructive-hint",
-    "deny-setting",
-    "destructive-verb",
-    "not-in-allow",
-    "read-only-hint",
-    "non-destructive-hint",
-    "allow-setting",
-    "default",
-)
 
 
 class Hinted(Protocol):
@@ -93,6 +88,9 @@ class Hinted(Protocol):
 
     @property
     def destructive_hint(self) -> bool | None: ...
+
+    @property
+    def input_schema(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +173,8 @@ class ToolPolicy:
             return withheld("duplicate-name", f"the server lists this name {copies} times")
         if not LEGAL_NAME.fullmatch(name):
             return withheld("illegal-name", "not a legal MCP tool name ([A-Za-z0-9._-], 1-128 characters)")
+        if (size := len(json.dumps(tool.input_schema, ensure_ascii=False, default=str))) > MAX_SCHEMA_CHARS:
+            return withheld("schema-too-large", f"its input schema has {size} characters (limit {MAX_SCHEMA_CHARS})")
         if tool.destructive_hint is True:
             both = " (readOnlyHint true too: contradictory hints, destructive wins)" if tool.read_only_hint else ""
             return withheld("destructive-hint", f"the server marks it destructiveHint true{both}")

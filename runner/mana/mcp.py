@@ -118,7 +118,6 @@ class McpGateway:
         self._http: httpx2.AsyncClient | None = None
         self._tls = tls
         self.renewals = 0  # JWT renewals this tick, each with a new session
-        self.sessions = 0  # sessions opened this tick
         self._renewed_unproven = False  # renewed, and no request has succeeded since
 
     async def __aenter__(self) -> McpGateway:
@@ -165,7 +164,6 @@ class McpGateway:
             with contextlib.suppress(Exception):
                 await self._session.aclose()
             raise self._error(exc) from None
-        self.sessions += 1
 
     async def tools(self) -> list[ToolSpec]:
         """Every served tool, bounded in pages and count (a cut is logged with its reason)."""
@@ -278,8 +276,6 @@ class McpGateway:
 
     def _error(self, exc: Exception) -> ManaError:
         """The SDK hides the HTTP status; the response hook saw it, so classify by it."""
-        if isinstance(exc, ManaError):
-            return exc
         status = self._last_status
         if status >= 400:
             return ApiError(status, "MCP_REFUSED" if status in (401, 403) else "MCP_ERROR", _short(exc), stage="mcp")

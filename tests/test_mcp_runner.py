@@ -418,6 +418,25 @@ async def test_a_validation_error_row_carries_the_field_and_the_message(mana: Ma
     ]
 
 
+async def test_handler_failures_and_policy_denials_keep_their_text_in_one_line(tmp_path: Path) -> None:
+    config = SandboxConfig(
+        db_path=str(tmp_path / "sb.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, policy_mode="enforce"
+    )
+    async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url) as control:
+        world = Mana(sandbox, config, control)
+        await world.post("clock", {"now": WEEKDAY})
+        failure = 'mana-sync pull failed: 401 Unauthorized\n  {"error": "token is expired"}'
+        await world.post("tool-faults", {"tool": "notes.search", "message": failure})
+        script = Script([("notes.search", {"query": "Rezept"})], [("mood.today", {})] * 31)
+        outcome, _, rows, _ = await _tick(world, tmp_path, sandbox.mcp_url, script)
+    assert outcome == "ok"
+    assert rows[0]["errorMessage"] == (
+        'Tool notes.search failed: mana-sync pull failed: 401 Unauthorized {"error": "token is expired"}'
+    )
+    assert [r["result"] for r in rows[1:]] == ["ok"] * 30 + ["error"]  # the 31st call within 60 s is denied
+    assert rows[-1]["errorMessage"].startswith("Tool mood.today not allowed: ")
+
+
 async def _once_with(settings: Settings) -> RoundReport:
     async with open_runtime(settings) as runtime:
         return await run_once(runtime)

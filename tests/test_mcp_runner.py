@@ -25,6 +25,7 @@ from fake_anthropic import FakeAnthropic
 from hostile_mcp import HostileMcp, tool
 from procs import ROOT
 
+from runner import metrics
 from runner.agent.loop import Entry, RatingReply, ToolCall, ToolDef, Turn
 from runner.mana.mcp import MAX_TOOL_PAGES, MAX_TOOLS
 from runner.persona import TICK_ROW, DuePersona, input_hash, tick_id, tick_window
@@ -294,6 +295,8 @@ async def test_a_session_refused_from_the_start_is_not_renewed(mana: Mana, tmp_p
 
 async def test_a_policy_that_leaves_no_tool_fails_the_tick_loudly(mana: Mana, tmp_path: Path) -> None:
     served = [tool("todo.create"), tool("todo.deleteAll"), tool("notes.search", destructive=True)]
+    counted = {"tool": "todo.deleteAll", "decision": "withheld", "rule": "destructive-verb"}
+    before = metrics.REGISTRY.get_sample_value("persona_tool_decisions_total", counted) or 0
     async with HostileMcp(tools=served) as server:
         with structlog.testing.capture_logs() as logged:
             outcome, _, rows, _ = await _tick(
@@ -309,6 +312,9 @@ async def test_a_policy_that_leaves_no_tool_fails_the_tick_loudly(mana: Mana, tm
         )
     ]
     assert [e["log_level"] for e in logged if e["event"].startswith("no tools offered")] == ["warning"]
+    decided = [e for e in logged if e["event"] == "tools decided"]
+    assert [(e["served"], e["offered"], e["withheld"]) for e in decided] == [(3, 0, 3)]  # once per tick
+    assert metrics.REGISTRY.get_sample_value("persona_tool_decisions_total", counted) == before + 1
 
 
 # --- on the sandbox: the real surface and the annotated one ---------------------------------

@@ -54,6 +54,7 @@ class HostileMcp:
     page_size: int = 50
     # A JSON-RPC method ("initialize") or a tool name: answer it, then drop every connection.
     drop_on: str | None = None
+    slow_on: str | None = None  # a tool name that takes 30 s to answer
     # (token, method) -> answer 401 instead; None: accept everything.
     refuse: Callable[[str, str], bool] | None = None
     seen: list[Seen] = field(default_factory=list)
@@ -104,6 +105,8 @@ class HostileMcp:
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: CallToolRequestParams) -> CallToolResult:
         if params.name == self.drop_on:
             self._drop_everything()
+        if params.name == self.slow_on:
+            await asyncio.sleep(30)
         body = json.dumps({"called": params.name, "arguments": params.arguments}, indent=2)
         return CallToolResult(content=[TextContent(type="text", text=body)])
 

@@ -116,25 +116,32 @@ async def test_a_drop_before_any_call_defers_the_tick(mana: Mana, tmp_path: Path
     )
 
 
-async def test_a_shutdown_is_still_recorded_as_interrupted(mana: Mana, tmp_path: Path) -> None:
+@pytest.mark.parametrize("during", ["the model's turn", "a tool call"])
+async def test_a_shutdown_is_still_recorded_as_interrupted(mana: Mana, tmp_path: Path, during: str) -> None:
     spec = await mana.add_persona("stopped")
     persona = DuePersona(userId=spec["userId"], email=spec["email"], tickCadence="daily", moduleMix={"todo": 1.0})
-    script = Script([("todo.list", {})], [("todo.create", {"title": "x"})], pause_s=30)
-    async with HostileMcp() as server:
+    slow = during == "a tool call"
+    script = Script([("todo.list", {})], [("todo.create", {"title": "x"})], pause_s=0 if slow else 30)
+    async with HostileMcp(slow_on="todo.create" if slow else None) as server:
         settings = mana.settings(tmp_path, mana_mcp_url=server.url)
         async with open_runtime(settings) as runtime:
             deps = replace(runtime.tick_deps, make_provider=lambda p, t: script)
             claim = await runtime.journal.claim(persona.user_id, "2026-11-25", "t-stop", time.time())
             assert claim is not None
             task = asyncio.create_task(run_tick(deps, persona, claim))
-            while not server.calls():
+            while len(server.calls()) < (2 if slow else 1):
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.1)
-            task.cancel()
+            task.cancel()  # what the drain does to a tick past its deadline
             with pytest.raises(asyncio.CancelledError):
                 await task
             state = await runtime.journal.tick_state("t-stop")
+            assert await runtime.outbox.flush() == 0
     assert state is not None and state["outcome"] == "interrupted"
+    rows = [(a["toolName"], a["result"], a.get("errorMessage")) for a in await mana.get("actions")]
+    assert rows == [("todo.list", "ok", None)] + (
+        [("todo.create", "error", "outcome unknown: runner stopped during the call")] if slow else []
+    ) + [(TICK_ROW, "error", "interrupted: runner shut down during this tick")]
 
 
 @pytest.mark.parametrize(

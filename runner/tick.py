@@ -74,6 +74,7 @@ class _Progress:
     stage: str = "login"
     play: Play = field(default_factory=Play)
     calls: _JournaledCalls | None = None
+    gateway: McpGateway | None = None
 
 
 async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
@@ -100,7 +101,11 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         if not _shutting_down():
             # Nobody cancelled this task: the MCP SDK's task group did, because its connection
             # dropped. That is a passing failure like any other, not a shutdown (issue 7).
-            dropped = TransportError(f"mcp: connection to mana-mcp dropped during {progress.stage}", stage="mcp")
+            cause = progress.gateway.closed_with if progress.gateway is not None else None
+            dropped = TransportError(
+                f"mcp: connection to mana-mcp dropped during {progress.stage}" + (f" ({cause})" if cause else ""),
+                stage="mcp",
+            )
             if progress.calls is not None:
                 await progress.calls.abandon("outcome unknown: the connection to mana-mcp dropped during the call")
             return await _failed(deps, claim, progress, dropped, started)
@@ -207,7 +212,8 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     space_id = await deps.auth.personal_space(login.access_token)
 
     _stage(progress, "mcp")
-    async with _gateway(config, deps.auth, deps.journal, persona.email, persona.user_id, login, space_id) as gateway:
+    progress.gateway = _gateway(config, deps.auth, deps.journal, persona.email, persona.user_id, login, space_id)
+    async with progress.gateway as gateway:
         specs = await gateway.tools()
         _stage(progress, "tools")
         decisions = _decide(config.policy, specs)

@@ -119,6 +119,7 @@ class McpGateway:
         self._tls = tls
         self.renewals = 0  # JWT renewals this tick, each with a new session
         self._renewed_unproven = False  # renewed, and no request has succeeded since
+        self.closed_with: str | None = None  # what closing the session raised, if anything
 
     async def __aenter__(self) -> McpGateway:
         # The SDK's own factory would load the CA bundle again for every tick (~25 ms of CPU, bench/).
@@ -142,9 +143,12 @@ class McpGateway:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # Closing a dead session must not mask the tick's own outcome.
-        with contextlib.suppress(Exception):
+        # Closing a dead session must not mask the tick's own outcome; what it raised is kept as the
+        # cause of a dropped connection (the SDK reports the drop as a cancellation, without one).
+        try:
             await self._session.aclose()
+        except Exception as exc:  # noqa: BLE001
+            self.closed_with = f"{type(_first(exc)).__name__}: {_short(exc)}"
         with contextlib.suppress(Exception):
             await self._stack.aclose()
 
@@ -282,9 +286,14 @@ class McpGateway:
         return TransportError(f"mcp: {_short(exc)}", stage="mcp")
 
 
-def _short(exc: BaseException) -> str:
+def _first(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
+    return exc
+
+
+def _short(exc: BaseException) -> str:
+    exc = _first(exc)
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:300]
 

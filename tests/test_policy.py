@@ -1,4 +1,4 @@
-"""The tool policy, the error-row text and the model-facing names: pure rules, checked at their edges."""
+"""The tool policy, the error-row text, tool results and model-facing names: pure rules, checked at their edges."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mcp.types import CallToolResult, ImageContent, TextContent
 
 from runner import metrics
 from runner.agent.policy import (
@@ -25,7 +26,7 @@ from runner.agent.policy import (
 )
 from runner.agent.providers.anthropic import api_names
 from runner.agent.rating import RATING_TOOL
-from runner.mana.mcp import ERROR_MESSAGE_LIMIT, error_message
+from runner.mana.mcp import ERROR_MESSAGE_LIMIT, error_message, result_text
 from runner.settings import SettingsError, load_settings
 
 TOOLS_JSON = Path(__file__).resolve().parents[1] / "runner" / "sandbox" / "mana-tools.json"  # the real answer, copied
@@ -335,3 +336,28 @@ def test_api_names_survive_names_crafted_to_hit_the_hashed_form() -> None:
     mapping = api_names(names)
     assert len(set(mapping.values())) == len(names) and RATING_TOOL not in mapping.values()
     assert all(mapping[c] == c for c in crafted)  # legal names keep themselves; the illegal one moves on
+
+
+# --- tool results ---------------------------------------------------------------------------
+
+_blocks = st.lists(
+    st.one_of(
+        st.builds(lambda t: TextContent(type="text", text=t), st.text(max_size=200)),
+        st.just(ImageContent(type="image", data="aGk=", mime_type="image/png")),
+    ),
+    max_size=5,
+)
+_structured = st.one_of(st.none(), st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=20)))
+
+
+@given(_blocks, _structured, st.booleans())
+def test_any_tool_result_reads_as_text_and_fits_an_error_row(
+    blocks: list[TextContent | ImageContent], structured: dict[str, Any] | None, is_error: bool
+) -> None:
+    result = CallToolResult(content=blocks, structured_content=structured, is_error=is_error)
+    text = result_text(result)
+    if blocks:
+        assert text == "\n".join(b.text if isinstance(b, TextContent) else "[image]" for b in blocks)
+    elif structured is not None:
+        assert json.loads(text) == structured  # a result with only structured content still says something
+    assert len(error_message(text)) <= ERROR_MESSAGE_LIMIT

@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
+from procs import MCP_SURFACE  # noqa: E402
 
 from runner.sandbox import Sandbox, SandboxConfig  # noqa: E402
 from runner.settings import Settings, load_settings  # noqa: E402
@@ -81,7 +82,9 @@ class Mana:
 @pytest.fixture
 async def mana(tmp_path: Path) -> AsyncIterator[Mana]:
     """The sandbox on loopback, clock on a weekday, plus a client for its inspection routes."""
-    config = SandboxConfig(db_path=str(tmp_path / "sandbox.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY)
+    config = SandboxConfig(
+        db_path=str(tmp_path / "sandbox.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, mcp_surface=MCP_SURFACE
+    )
     async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url, timeout=30) as control:
         world = Mana(sandbox, config, control)
         await world.post("clock", {"now": WEEKDAY})

@@ -17,6 +17,11 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The one place runner-level tests pick the sandbox's MCP surface. Until the runner's tool policy
+# lands (issue 6), the runner withholds every tool without annotations, so on the real surface it
+# would be offered nothing: these tests run on the annotated variant meanwhile. Switch to "real" then.
+MCP_SURFACE = "annotated"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -71,6 +76,8 @@ def start_sandbox(tmp: Path, *, seed_secret: str, service_key: str, python: str 
             seed_secret,
             "--service-key",
             service_key,
+            "--mcp-surface",
+            MCP_SURFACE,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,

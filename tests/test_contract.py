@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from conftest import SEED_SECRET, SERVICE_KEY, Mana
 from fake_anthropic import FakeAnthropic, default_brain
+from procs import MCP_SURFACE, ROOT
 
 from runner.agent.loop import MAX_RESULT_CHARS, Entry, RatingReply, ToolCall, ToolDef, Turn
 from runner.persona import TICK_ROW, input_hash, module_of
@@ -17,7 +19,10 @@ from runner.sandbox import Sandbox, SandboxConfig
 from runner.scheduler import RoundReport, open_runtime, run_once
 from runner.settings import Settings
 
-DESTRUCTIVE = {"todo.delete", "notes.delete", "habits.archive", "todo.bulkImport"}
+DESTRUCTIVE = {"todo.baitDestructive"}  # the annotated surface's bait (procs.MCP_SURFACE)
+TOOL_NAMES = [
+    t["name"] for t in json.loads((ROOT / "runner" / "sandbox" / "mana-tools.json").read_text("utf-8"))["tools"]
+]
 
 
 async def _once(settings: Settings) -> RoundReport:
@@ -183,7 +188,14 @@ async def test_an_expired_jwt_mid_tick_is_renewed_once_and_the_day_goes_on(tmp_p
     import httpx
 
     config = SandboxConfig(
-        db_path=str(tmp_path / "sb.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, jwt_ttl_s=2
+        db_path=str(tmp_path / "sb.db"),
+        seed_secret=SEED_SECRET,
+        service_key=SERVICE_KEY,
+        jwt_ttl_s=2,
+        mcp_surface=MCP_SURFACE,
+        # The runner still re-sends on its old session after renewing the JWT; the real gateway's handlers
+        # would keep the expired one. Until the runner opens a new session (issue 6), handlers take the request's.
+        session_jwt="request",
     )
     async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url) as control:
         world = Mana(sandbox, config, control)
@@ -204,6 +216,8 @@ async def test_an_expired_jwt_mid_tick_is_renewed_once_and_the_day_goes_on(tmp_p
 async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_api(
     mana: Mana, tmp_path: Path, fake_anthropic: FakeAnthropic
 ) -> None:
+    for name in TOOL_NAMES:  # large answers, however the tools are picked
+        await mana.post("tool-faults", {"tool": name, "padTo": 30_000, "count": 1000})
     fake_anthropic.fail_next(status=429, count=2, retry_after=0.01)
     fake_anthropic.fail_next(status=529, count=1, retry_after=0.01)
     settings = mana.settings(
@@ -218,9 +232,7 @@ async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_
     ok = [x for x in fake_anthropic.exchanges if x.status == 200]
     assert len([x for x in fake_anthropic.exchanges if x.status != 200]) == 3  # overloads were retried by the SDK
     offered = {t["name"] for x in ok for t in x.body["tools"]}
-    assert (
-        "todo_create" in offered and not {"todo_delete", "notes_delete", "habits_archive", "todo_bulkImport"} & offered
-    )
+    assert "todo_create" in offered and "todo_baitDestructive" not in offered
     assert all(x.body["system"][0].get("cache_control") for x in ok)
     ratings = [x for x in ok if x.body.get("tool_choice", {}).get("type") == "tool"]
     # The play tools are one cached prefix, shared by the rating request (its tool comes after).
@@ -239,7 +251,7 @@ async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_
     landed = Counter((a["toolName"], a["inputHash"]) for a in await mana.get("actions") if a["toolName"] != TICK_ROW)
     assert landed == sent
     assert len(await mana.get("feedback")) >= 10
-    # What goes back to the model is bounded, however large the tool's answer (journal.archive: ~300 KB).
+    # What goes back to the model is bounded, however large the tool's answer (30 000 characters here).
     results = [
         block["content"]
         for x in ok
@@ -259,13 +271,14 @@ async def test_invented_tools_and_prose_ratings_are_recorded_not_lost(
             return [{"type": "text", "text": "Ich gebe allem fünf Sterne!"}], "end_turn"
         if len(body["messages"]) == 1:
             return [
-                {"type": "tool_use", "id": "toolu_x0", "name": "journal_archive", "input": {}},
+                {"type": "tool_use", "id": "toolu_x0", "name": "todo_list", "input": {}},
                 {"type": "tool_use", "id": "toolu_x1", "name": "calendar_create", "input": {"when": "morgen"}},
                 {"type": "tool_use", "id": "toolu_x2", "name": "todo_create", "input": {"title": "Zahnarzt"}},
             ], "tool_use"
         return default_brain({**body, "tools": []})
 
     fake_anthropic.brain = brain
+    await mana.post("tool-faults", {"tool": "todo.list", "padTo": 300_000})
     persona = await mana.add_persona("inventor")
     await mana.post("clock", {"now": "2026-11-29T09:30:00+00:00"})  # a Sunday: only daily/hourly personas
     settings = mana.settings(
@@ -274,13 +287,13 @@ async def test_invented_tools_and_prose_ratings_are_recorded_not_lost(
     await _once(settings)
     rows = [a for a in await mana.get("actions") if a["personaId"] == persona["userId"]]
     assert [(r["toolName"], r["result"]) for r in rows] == [
-        ("journal.archive", "ok"),
+        ("todo.list", "ok"),
         ("calendar_create", "error"),
         ("todo.create", "ok"),
     ]
     calls = [c["tool"] for c in await mana.get("mcp-calls") if c["userId"] == persona["userId"]]
-    assert calls == ["journal.archive", "todo.create"]  # the invented tool never reached Mana
-    # The ~300 KB archive went back to the model cut to the bound.
+    assert calls == ["todo.list", "todo.create"]  # the invented tool never reached Mana
+    # The ~300 KB answer went back to the model cut to the bound.
     answer = next(
         b["content"]
         for x in fake_anthropic.exchanges

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -325,107 +326,386 @@ async def test_faults(sb: Sandbox, http: httpx.AsyncClient) -> None:
 
 # --- mana-mcp -------------------------------------------------------------------------------
 
+TOOLS_FILE = json.loads((REPO / "runner" / "sandbox" / "mana-tools.json").read_text(encoding="utf-8"))
+SYNC_EXPIRED = "401 Unauthorized — unauthorized: parse token: token has invalid claims: token is expired\n"
+
+
+def result_json(result: Any) -> Any:
+    """A success is one text block of JSON.stringify(result, null, 2): exactly that, nothing else."""
+    assert not result.is_error, result.content[0].text
+    assert len(result.content) == 1
+    text = result.content[0].text
+    value = json.loads(text)
+    assert text == json.dumps(value, indent=2, ensure_ascii=False)
+    return value
+
+
+def error_text(result: Any) -> str:
+    assert result.is_error and len(result.content) == 1
+    return str(result.content[0].text)
+
+
+def zod_issues(text: str, tool: str) -> list[dict[str, Any]]:
+    head = f"MCP error -32602: Input validation error: Invalid arguments for tool {tool}: ["
+    assert text.startswith(head + "\n"), text
+    issues: list[dict[str, Any]] = json.loads(text[len(head) - 1 :])
+    assert text[len(head) - 1 :] == json.dumps(issues, indent=2, ensure_ascii=False)  # JSON.stringify(_, null, 2)
+    return issues
+
 
 async def test_mcp_gateway_refusals(sb: Sandbox, http: httpx.AsyncClient) -> None:
     cast = await personas(http, sb)
     url = f"{sb.mcp_url}/mcp"
     sandra_space = personal_space(cast["sandra"])
 
-    async def initialize(token: str | None, space: str, session: str | None = None) -> httpx.Response:
-        headers = {**MCP_HEADERS, "X-Mana-Space": space}
+    async def initialize(token: str | None, space: str | None, session: str | None = None) -> httpx.Response:
+        headers = dict(MCP_HEADERS)
+        if space is not None:
+            headers["X-Mana-Space"] = space
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         if session is not None:
             headers["Mcp-Session-Id"] = session
         return await http.post(url, json=INITIALIZE, headers=headers)
 
-    assert (await initialize(None, sandra_space)).status_code == 401
-    assert (await initialize("garbage", sandra_space)).status_code == 401
+    missing = await initialize(None, sandra_space)
+    assert missing.status_code == 401 and missing.json() == {"error": "Missing or malformed Authorization header"}
+    assert (await initialize("garbage", sandra_space)).json() == {"error": "Invalid token: Invalid Compact JWS"}
     session_token = (await login(http, sb, "persona.sandra@mana.test")).json()["token"]
     assert (await initialize(session_token, sandra_space)).status_code == 401
     foreign_key = Ed25519PrivateKey.generate()
     forged = jwt.encode(
         {"sub": cast["sandra"]["userId"], "aud": "mana", "exp": 4102444800}, foreign_key, algorithm="EdDSA"
     )
-    assert (await initialize(forged, sandra_space)).status_code == 401
+    forged_answer = await initialize(forged, sandra_space)
+    assert forged_answer.status_code == 401 and forged_answer.json()["error"].startswith("Invalid token: ")
 
     sandra = await jwt_for(http, sb, "persona.sandra@mana.test")
     noah = await jwt_for(http, sb, "persona.noah@mana.test")
-    assert (await initialize(sandra, personal_space(cast["noah"]))).status_code == 403  # someone else's space
-    assert (await initialize(sandra, "")).status_code == 403
+    for space in (None, ""):  # a missing space is a 401 too, not a 403
+        refused = await initialize(sandra, space)
+        assert refused.status_code == 401
+        assert refused.json() == {"error": "Missing X-Mana-Space header (set to the active Space ID)"}
+    # Any space value is taken: the gateway does not check memberships.
+    assert (await initialize(sandra, personal_space(cast["noah"]))).status_code == 200
 
     opened = await initialize(sandra, sandra_space)
     assert opened.status_code == 200
     session_id = opened.headers["mcp-session-id"]
     hijack = await initialize(noah, personal_space(cast["noah"]), session=session_id)
-    assert hijack.status_code == 403
+    assert hijack.status_code == 403 and hijack.json() == {"error": "Session belongs to a different user"}
+    unknown = await initialize(sandra, sandra_space, session="no-such-session")
+    assert unknown.status_code == 404 and unknown.json() == {"error": "Session not found"}
 
 
-async def test_mcp_tools_annotations_and_recording(sb: Sandbox, http: httpx.AsyncClient) -> None:
+async def test_mcp_serves_exactly_the_real_tools_list(sb: Sandbox, http: httpx.AsyncClient) -> None:
+    gisela = (await personas(http, sb))["gisela"]
+    token = await jwt_for(http, sb, gisela["email"])
+    async with mcp_session(sb, token, personal_space(gisela)) as client:
+        served = (await client.list_tools()).tools
+    as_sent = [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in served]
+    assert as_sent == TOOLS_FILE["tools"] and len(as_sent) == 33
+    assert all(t.annotations is None for t in served)
+
+
+async def test_mcp_tools_store_and_return_data(sb: Sandbox, http: httpx.AsyncClient) -> None:
     cast = await personas(http, sb)
-    gisela = cast["gisela"]
+    gisela, lena = cast["gisela"], cast["lena"]
     space = personal_space(gisela)
     token = await jwt_for(http, sb, gisela["email"])
     async with mcp_session(sb, token, space) as client:
-        tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert {"todo.create", "todo.list", "notes.search", "mood.recent", "spaces.list", "journal.archive"} <= set(
-            tools
+        made = result_json(await client.call_tool("todo.create", {"title": "Tabletten abholen", "colour": "rot"}))
+        task = made["task"]
+        assert list(task) == [
+            "id", "title", "priority", "isCompleted", "completedAt", "dueDate", "order", "subtasks", "createdAt",
+            "updatedAt",
+        ]  # fmt: skip
+        assert uuid.UUID(task["id"]) and task["priority"] == "medium" and task["dueDate"] is None
+        second = result_json(await client.call_tool("todo.create", {"title": "Zahnarzt", "priority": "high"}))["task"]
+        assert second["order"] == 1
+        assert [t["id"] for t in result_json(await client.call_tool("todo.list", {}))["tasks"]] == [
+            task["id"],
+            second["id"],
+        ]
+        assert result_json(await client.call_tool("todo.complete", {"id": task["id"]})) == {"ok": True}
+        assert [t["id"] for t in result_json(await client.call_tool("todo.list", {}))["tasks"]] == [second["id"]]
+        done = result_json(await client.call_tool("todo.list", {"includeCompleted": True, "limit": 1}))["tasks"]
+        assert [(t["id"], t["isCompleted"]) for t in done] == [(task["id"], True)]
+
+        habit = result_json(await client.call_tool("habits.create", {"title": "Kaffee", "targetPerDay": 2}))["habit"]
+        assert (habit["icon"], habit["color"], habit["targetPerDay"], habit["isArchived"]) == (
+            "star",
+            "#6366f1",
+            2,
+            False,
         )
-        assert all("." in name for name in tools)
-        assert tools["todo.list"].annotations.read_only_hint is True
-        create = tools["todo.create"].annotations
-        assert create.read_only_hint is False and create.destructive_hint is False
-        assert tools["todo.delete"].annotations.destructive_hint is True
-        assert tools["todo.bulkImport"].annotations is None
-        assert tools["todo.list"].input_schema["properties"]["status"]["enum"] == ["open", "done", "all"]
-        assert tools["mood.log"].input_schema["properties"]["score"]["maximum"] == 10
-        assert tools["habits.create"].input_schema["required"] == ["name", "cadence"]
+        assert result_json(await client.call_tool("habits.update", {"id": habit["id"], "color": "#00ff00"})) == {
+            "ok": True
+        }
+        assert result_json(await client.call_tool("habits.archive", {"id": habit["id"]})) == {"ok": True}
+        assert result_json(await client.call_tool("habits.list", {})) == {"habits": []}
+        listed = result_json(await client.call_tool("habits.list", {"includeArchived": True}))["habits"]
+        assert [(h["id"], h["color"], h["isArchived"]) for h in listed] == [(habit["id"], "#00ff00", True)]
 
-        made = await client.call_tool("todo.create", {"title": "Tabletten abholen", "priority": 1})
-        assert not made.is_error
-        todo_id = json.loads(made.content[0].text)["id"]
-        listed = json.loads((await client.call_tool("todo.list", {})).content[0].text)
-        assert [t["id"] for t in listed["todos"]] == [todo_id]
-        await client.call_tool("notes.create", {"title": "Rezept", "body": "Apfelkuchen mit Zimt"})
-        found = json.loads((await client.call_tool("notes.search", {"query": "zimt"})).content[0].text)
-        assert [n["title"] for n in found["notes"]] == ["Rezept"]
+        entry = result_json(await client.call_tool("journal.add", {"content": "Heute  war ein guter Tag"}))["entry"]
+        assert (entry["wordCount"], entry["mood"], entry["title"], entry["tags"]) == (5, None, None, [])
+        mood = result_json(await client.call_tool("mood.log", {"level": 7, "emotion": "calm", "time": "08:15"}))
+        assert mood["entry"]["time"] == "08:15" and mood["entry"]["secondaryEmotions"] == []
+        today = result_json(await client.call_tool("mood.today", {}))["entries"]
+        assert [e["id"] for e in today] == [mood["entry"]["id"]]
+        assert result_json(await client.call_tool("mood.today", {"date": "2001-01-01"})) == {"entries": []}
+        recent = result_json(await client.call_tool("mood.recent", {"days": 1}))["entries"]
+        assert [e["id"] for e in recent] == [mood["entry"]["id"]]
 
-        export = await client.call_tool("notes.export", {})
-        assert export.is_error and export.content[0].text == "Tool notes.export failed: export backend unavailable"
-        invalid = await client.call_tool("todo.create", {})
-        assert invalid.is_error and invalid.content[0].text == "Invalid input for todo.create: title: Required"
-        missing = await client.call_tool("todo.complete", {"id": "todo_nope"})
-        assert missing.is_error and "not found" in missing.content[0].text
-        archive = await client.call_tool("journal.archive", {})
-        assert not archive.is_error and len(archive.content[0].text) >= 300_000
+        note = result_json(await client.call_tool("notes.create", {"title": "Rezept", "content": "Apfelkuchen, Zimt"}))
+        found = result_json(await client.call_tool("notes.search", {"query": "ZIMT"}))["notes"]
+        assert [n["id"] for n in found] == [note["note"]["id"]]
+        spaces = result_json(await client.call_tool("spaces.list", {}))
+        assert spaces["activeSpaceId"] == space and {s["id"] for s in spaces["spaces"]} == {
+            s["id"] for s in gisela["spaces"]
+        }
+
+        outfit = result_json(await client.call_tool("wardrobe.createOutfit", {"name": "Büro", "garmentIds": ["g1"]}))
+        assert result_json(await client.call_tool("wardrobe.listOutfits", {}))["outfits"] == [outfit["outfit"]]
+        tried = await client.call_tool("wardrobe.tryOn", {"outfitId": outfit["outfit"]["id"]})
+        assert error_text(tried) == (
+            "Tool wardrobe.tryOn failed: None of the outfit garments exist in the active space (moved or deleted?)"
+        )
+        sign = result_json(
+            await client.call_tool("augur.captureSign", {"kind": "hunch", "source": "Bauch", "claim": "Es regnet"})
+        )
+        assert [e["id"] for e in result_json(await client.call_tool("augur.listOpenSigns", {}))["entries"]] == [
+            sign["entryId"]
+        ]
+        picture = await client.call_tool("me.generateWithReference", {"prompt": "Ich", "referenceMediaIds": ["m1"]})
+        assert error_text(picture).startswith(
+            "Tool me.generateWithReference failed: mana-api /picture/generate-with-reference failed: 503"
+        )
+        assert error_text(await client.call_tool("nope.nothing", {})) == "MCP error -32602: Tool nope.nothing not found"
+
+    # Another user sees none of it; the wardrobe module scopes by space, todo (a user-wide pull) does not.
+    lena_token = await jwt_for(http, sb, lena["email"])
+    async with mcp_session(sb, lena_token, personal_space(lena)) as client:
+        assert result_json(await client.call_tool("todo.list", {"includeCompleted": True})) == {"tasks": []}
+    team = next(s["id"] for s in gisela["spaces"] if s["type"] != "personal")
+    async with mcp_session(sb, token, team) as client:
+        assert len(result_json(await client.call_tool("todo.list", {}))["tasks"]) == 1
+        assert result_json(await client.call_tool("wardrobe.listOutfits", {})) == {"outfits": []}
 
     calls = (await http.get(f"{sb.api_url}/__sandbox/mcp-calls")).json()
-    assert [(c["tool"], c["isError"]) for c in calls] == [
-        ("todo.create", False),
-        ("todo.list", False),
-        ("notes.create", False),
-        ("notes.search", False),
-        ("notes.export", True),
-        ("todo.create", True),
-        ("todo.complete", True),
-        ("journal.archive", False),
-    ]
-    assert {(c["userId"], c["spaceId"]) for c in calls} == {(gisela["userId"], space)}
-    assert calls[0]["arguments"] == {"title": "Tabletten abholen", "priority": 1}
+    assert calls[0]["arguments"] == {"title": "Tabletten abholen", "colour": "rot"}  # as received, unknown key too
+    assert (calls[0]["userId"], calls[0]["spaceId"], calls[0]["isError"]) == (gisela["userId"], space, False)
+    errors = [c for c in calls if c["isError"]]
+    assert [c["tool"] for c in errors] == ["wardrobe.tryOn", "me.generateWithReference", "nope.nothing"]
+    assert errors[-1]["errorText"] == "MCP error -32602: Tool nope.nothing not found"
 
 
-async def test_mcp_rate_limit_and_space_isolation(sb: Sandbox, http: httpx.AsyncClient) -> None:
-    cast = await personas(http, sb)
-    lena = cast["lena"]
+async def test_mcp_refuses_arguments_as_the_real_gateway(sb: Sandbox, http: httpx.AsyncClient) -> None:
+    gisela = (await personas(http, sb))["gisela"]
+    token = await jwt_for(http, sb, gisela["email"])
+    async with mcp_session(sb, token, personal_space(gisela)) as client:
+        colour = await client.call_tool("habits.create", {"title": "Yoga", "color": "red"})
+        assert error_text(colour) == (
+            "MCP error -32602: Input validation error: Invalid arguments for tool habits.create: [\n"
+            '  {\n    "validation": "regex",\n    "code": "invalid_string",\n    "message": "Invalid",\n'
+            '    "path": [\n      "color"\n    ]\n  }\n]'
+        )
+        many = await client.call_tool("habits.create", {"icon": 5, "targetPerDay": 0, "title": "x" * 121})
+        assert zod_issues(error_text(many), "habits.create") == [
+            {
+                "code": "too_big",
+                "maximum": 120,
+                "type": "string",
+                "inclusive": True,
+                "exact": False,
+                "message": "String must contain at most 120 character(s)",
+                "path": ["title"],
+            },
+            {
+                "code": "invalid_type",
+                "expected": "string",
+                "received": "number",
+                "path": ["icon"],
+                "message": "Expected string, received number",
+            },
+            {
+                "code": "too_small",
+                "minimum": 0,
+                "type": "number",
+                "inclusive": False,
+                "exact": False,
+                "message": "Number must be greater than 0",
+                "path": ["targetPerDay"],
+            },
+        ]
+        todo = await client.call_tool("todo.create", {"priority": "asap", "dueDate": "2026-11-25T10:00:00+01:00"})
+        issues = zod_issues(error_text(todo), "todo.create")
+        assert issues == [
+            {"code": "invalid_type", "expected": "string", "received": "undefined", "path": ["title"],
+             "message": "Required"},
+            {
+                "received": "asap",
+                "code": "invalid_enum_value",
+                "options": ["low", "medium", "high", "urgent"],
+                "path": ["priority"],
+                "message": "Invalid enum value. Expected 'low' | 'medium' | 'high' | 'urgent', received 'asap'",
+            },
+            {"code": "invalid_string", "validation": "datetime", "message": "Invalid datetime", "path": ["dueDate"]},
+        ]  # fmt: skip
+        assert [list(i) for i in issues][:2] == [
+            ["code", "expected", "received", "path", "message"],
+            ["received", "code", "options", "path", "message"],
+        ]  # zod's key order is part of the text
+        complete = zod_issues(error_text(await client.call_tool("todo.complete", {"id": "todo-1"})), "todo.complete")
+        assert complete == [{"validation": "uuid", "code": "invalid_string", "message": "Invalid uuid", "path": ["id"]}]
+        mood = await client.call_tool("mood.log", {"level": 2.5, "emotion": 3, "secondaryEmotions": ["x"] * 6})
+        assert zod_issues(error_text(mood), "mood.log") == [
+            {
+                "code": "invalid_type",
+                "expected": "integer",
+                "received": "float",
+                "message": "Expected integer, received float",
+                "path": ["level"],
+            },
+            {
+                "expected": "'happy' | 'calm' | 'energized' | 'grateful' | 'excited' | 'loved' | 'hopeful' | 'neutral'"
+                " | 'bored' | 'tired' | 'sad' | 'anxious' | 'angry' | 'stressed' | 'frustrated' | 'overwhelmed'",
+                "received": "number",
+                "code": "invalid_type",
+                "path": ["emotion"],
+                "message": "Expected 'happy' | 'calm' | 'energized' | 'grateful' | 'excited' | 'loved' | 'hopeful'"
+                " | 'neutral' | 'bored' | 'tired' | 'sad' | 'anxious' | 'angry' | 'stressed' | 'frustrated'"
+                " | 'overwhelmed', received number",
+            },
+            *[
+                {
+                    "received": "x",
+                    "code": "invalid_enum_value",
+                    "options": TOOLS_FILE["tools"][7]["inputSchema"]["properties"]["emotion"]["enum"],
+                    "path": ["secondaryEmotions", i],
+                    "message": "Invalid enum value. Expected 'happy' | 'calm' | 'energized' | 'grateful' | 'excited'"
+                    " | 'loved' | 'hopeful' | 'neutral' | 'bored' | 'tired' | 'sad' | 'anxious' | 'angry' | 'stressed'"
+                    " | 'frustrated' | 'overwhelmed', received 'x'",
+                }
+                for i in range(6)
+            ],
+            {
+                "code": "too_big",
+                "maximum": 5,
+                "type": "array",
+                "inclusive": True,
+                "exact": False,
+                "message": "Array must contain at most 5 element(s)",
+                "path": ["secondaryEmotions"],
+            },
+        ]
+    calls = (await http.get(f"{sb.api_url}/__sandbox/mcp-calls")).json()
+    assert [c["isError"] for c in calls] == [True] * 5  # refused before any handler ran, and all recorded
+    assert calls[0]["errorText"] == error_text(colour)
+
+
+async def test_mcp_fault_and_size_switches(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    config = SandboxConfig(db_path=str(tmp_path / "sb.db"), failing_tools=frozenset({"journal.add"}))
+    async with Sandbox(config) as sb:
+        gisela = (await personas(http, sb))["gisela"]
+        token = await jwt_for(http, sb, gisela["email"])
+        arm = f"{sb.api_url}/__sandbox/tool-faults"
+        assert (await http.post(arm, json={"tool": "notes.create", "message": "boom", "count": 1})).status_code == 200
+        assert (await http.post(arm, json={"tool": "todo.list", "padTo": 300_000})).status_code == 200
+        assert (await http.post(arm, json={"tool": "todo.list"})).status_code == 400
+        assert (await http.post(arm, json={"tool": "todo.list", "padTo": 5, "message": "x"})).status_code == 400
+        async with mcp_session(sb, token, personal_space(gisela)) as client:
+            failed = await client.call_tool("notes.create", {"title": "Einkauf"})
+            assert error_text(failed) == "Tool notes.create failed: boom"
+            assert (
+                result_json(await client.call_tool("notes.create", {"title": "Einkauf"}))["note"]["title"] == "Einkauf"
+            )
+            padded = await client.call_tool("todo.list", {})
+            assert len(padded.content[0].text) == 300_000 and result_json(padded)["tasks"] == []
+            assert len((await client.call_tool("todo.list", {})).content[0].text) < 100  # count 1 by default
+            for _ in range(2):
+                journal = await client.call_tool("journal.add", {"content": "Tag"})
+                assert error_text(journal) == "Tool journal.add failed: sandbox: journal.add is configured to fail"
+
+
+async def test_mcp_policy_gate_modes(sb: Sandbox, tmp_path: Path, http: httpx.AsyncClient) -> None:
+    lena = (await personas(http, sb))["lena"]
     token = await jwt_for(http, sb, lena["email"])
-    team = next(s["id"] for s in lena["spaces"] if s["type"] == "team")
-    async with mcp_session(sb, token, team) as client:
-        await client.call_tool("todo.create", {"title": "Teamsache"})
-    async with mcp_session(sb, token, personal_space(lena)) as client:
-        assert json.loads((await client.call_tool("todo.list", {"status": "all"})).content[0].text)["todos"] == []
-        results = [await client.call_tool("mood.today", {}) for _ in range(31)]
-        assert not any(r.is_error for r in results[:30])
-        assert results[30].is_error and results[30].content[0].text == "Rate limit exceeded for mood.today"
+    async with mcp_session(sb, token, personal_space(lena)) as client:  # log-only: decisions are not enforced
+        assert not any([(await client.call_tool("mood.today", {})).is_error for _ in range(31)])
+
+    config = SandboxConfig(db_path=str(tmp_path / "enforce.db"), policy_mode="enforce", mcp_surface="annotated")
+    async with Sandbox(config) as strict:
+        lena = (await personas(http, strict))["lena"]
+        token = await jwt_for(http, strict, lena["email"])
+        async with mcp_session(strict, token, personal_space(lena)) as client:
+            results = [await client.call_tool("mood.today", {}) for _ in range(31)]
+            assert not any(r.is_error for r in results[:30])
+            assert error_text(results[30]) == (
+                "Tool mood.today not allowed: rate-limit-exceeded: Tool mood.today wurde im letzten 60s-Fenster 30×"
+                " aufgerufen (Limit 30). Pausiere oder aggregiere die Aufrufe."
+            )
+            assert not (await client.call_tool("mood.recent", {})).is_error  # per tool
+            bait = await client.call_tool("todo.baitDestructive", {})
+            assert error_text(bait).startswith(
+                "Tool todo.baitDestructive not allowed: destructive-not-allowed: Das Tool todo.baitDestructive löscht"
+            )
+            invalid = await client.call_tool("mood.today", {"date": "heute"})  # validation comes before the gate
+            assert zod_issues(error_text(invalid), "mood.today")[0]["validation"] == "regex"
+
+
+async def test_mcp_annotated_surface(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    async with Sandbox(SandboxConfig(db_path=str(tmp_path / "a.db"), mcp_surface="annotated")) as sb:
+        gisela = (await personas(http, sb))["gisela"]
+        token = await jwt_for(http, sb, gisela["email"])
+        async with mcp_session(sb, token, personal_space(gisela)) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            assert set(tools) == {t["name"] for t in TOOLS_FILE["tools"]} | {"todo.baitDestructive"}
+            for name, entry in TOOLS_FILE["registry"].items():
+                hints = tools[name].annotations
+                assert hints is not None
+                if entry["policyHint"] == "read":
+                    assert hints.read_only_hint is True and hints.destructive_hint is None
+                else:
+                    assert (hints.read_only_hint, hints.destructive_hint) == (False, False)
+            bait = tools["todo.baitDestructive"].annotations
+            assert bait is not None and bait.destructive_hint is True
+            assert result_json(await client.call_tool("todo.baitDestructive", {})) == {"ok": True}  # log-only
+        calls = (await http.get(f"{sb.api_url}/__sandbox/mcp-calls")).json()
+        assert [c["tool"] for c in calls] == ["todo.baitDestructive"]
+
+
+async def test_mcp_handlers_keep_the_jwt_that_opened_the_session(sb: Sandbox, http: httpx.AsyncClient) -> None:
+    noah = (await personas(http, sb))["noah"]
+    space = personal_space(noah)
+    first = await jwt_for(http, sb, noah["email"])
+    headers = {"Authorization": f"Bearer {first}", "X-Mana-Space": space}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=10) as hc,
+        Client(streamable_http_client(f"{sb.mcp_url}/mcp", http_client=hc), mode="legacy") as client,
+    ):
+        assert result_json(await client.call_tool("todo.list", {})) == {"tasks": []}
+        expire = await http.post(f"{sb.api_url}/__sandbox/jwt/expire", json={"userId": noah["userId"]})
+        assert expire.status_code == 200
+        stale = await http.post(
+            f"{sb.mcp_url}/mcp", json=INITIALIZE, headers={**MCP_HEADERS, **headers}
+        )  # the gateway refuses the expired JWT itself
+        assert stale.status_code == 401 and stale.json() == {
+            "error": 'Invalid token: "exp" claim timestamp check failed'
+        }
+        renewed = await jwt_for(http, sb, noah["email"])
+        hc.headers["Authorization"] = f"Bearer {renewed}"  # the old session, a fresh JWT: the handler keeps the old
+        listed = await client.call_tool("todo.list", {})
+        assert error_text(listed) == f"Tool todo.list failed: mana-sync pull failed: {SYNC_EXPIRED}"
+        created = await client.call_tool("todo.create", {"title": "Neu"})
+        assert error_text(created) == f"Tool todo.create failed: mana-sync pull failed: {SYNC_EXPIRED}"
+        logged = await client.call_tool("mood.log", {"level": 5, "emotion": "tired"})
+        assert error_text(logged) == f"Tool mood.log failed: mana-sync push failed: {SYNC_EXPIRED}"
+    async with mcp_session(sb, renewed, space) as client:  # a new session with the new JWT works
+        assert result_json(await client.call_tool("todo.list", {})) == {"tasks": []}
+    others = (await personas(http, sb))["gisela"]
+    async with mcp_session(sb, await jwt_for(http, sb, others["email"]), personal_space(others)) as client:
+        assert result_json(await client.call_tool("todo.list", {})) == {"tasks": []}  # only noah's JWTs expired
 
 
 # --- lifecycle ------------------------------------------------------------------------------

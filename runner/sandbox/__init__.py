@@ -24,7 +24,15 @@ from starlette.types import ASGIApp
 from runner.persona import DEV_SEED_SECRET
 from runner.sandbox.auth import AuthService
 from runner.sandbox.control import control_mount, validate_persona_spec
-from runner.sandbox.mcp_server import build_mcp_app
+from runner.sandbox.mcp_server import (
+    McpOptions,
+    McpState,
+    PolicyMode,
+    SessionJwt,
+    Surface,
+    ToolFaults,
+    build_mcp_app,
+)
 from runner.sandbox.personas_api import LEGACY_BASE_PATH, PersonasApi
 from runner.sandbox.store import EXTRA_SPACES, Clock, Faults, Store
 
@@ -42,6 +50,11 @@ class SandboxConfig:
     api_port: int = 0
     mcp_port: int = 0
     jwt_ttl_s: int = 900
+    # The MCP gateway: the real surface (mana-tools.json, no annotations) or the annotated one with a bait tool.
+    mcp_surface: Surface = "real"
+    policy_mode: PolicyMode = "log-only"  # POLICY_MODE of services/mana-mcp, same default
+    failing_tools: frozenset[str] = frozenset()  # fail in the handler on every call
+    session_jwt: SessionJwt = "opening"  # handlers use the JWT that opened the session, as the real gateway
 
 
 class _Server(uvicorn.Server):
@@ -81,8 +94,10 @@ class Sandbox:
         auth = AuthService(store, clock, faults, cfg.seed_secret, cfg.jwt_ttl_s)
         personas = PersonasApi(store, clock, faults, cfg.service_key)
         auth_app = auth.app([personas.mount(LEGACY_BASE_PATH)])
-        api_app = Starlette(routes=[personas.mount(), control_mount(store, auth)])
-        mcp_app = build_mcp_app(store, clock, faults, auth, cfg.host)
+        options = McpOptions(cfg.mcp_surface, cfg.policy_mode, frozenset(cfg.failing_tools), cfg.session_jwt)
+        mcp = McpState(options, ToolFaults(options.failing_tools))
+        api_app = Starlette(routes=[personas.mount(), control_mount(store, auth, mcp)])
+        mcp_app = build_mcp_app(store, clock, faults, auth, cfg.host, mcp)
         try:
             self.auth_url = await self._serve(auth_app, cfg.auth_port)
             self.api_url = await self._serve(api_app, cfg.api_port)

@@ -15,6 +15,8 @@ import sys
 
 from runner.persona import DEV_SEED_SECRET
 from runner.sandbox import Sandbox, SandboxConfig
+from runner.sandbox.mana_tools import load_tools
+from runner.sandbox.mcp_server import POLICY_MODES, SURFACES
 
 
 def _parse(argv: list[str] | None) -> SandboxConfig:
@@ -27,7 +29,21 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
     parser.add_argument("--seed-secret", default=os.environ.get("PERSONA_SEED_SECRET") or DEV_SEED_SECRET)
     parser.add_argument("--service-key", default=os.environ.get("MANA_SERVICE_KEY") or "sandbox-service-key")
     parser.add_argument("--jwt-ttl-s", type=int, default=900)
+    parser.add_argument(
+        "--mcp-surface",
+        choices=SURFACES,
+        default="real",
+        help="real: the gateway's tools as served (no annotations); annotated: with annotations and a bait tool",
+    )
+    parser.add_argument("--policy-mode", choices=POLICY_MODES, default=os.environ.get("POLICY_MODE") or "log-only")
+    parser.add_argument("--failing-tools", default="", help="comma-separated tool names whose handler always fails")
     args = parser.parse_args(argv)
+    failing = frozenset(t.strip() for t in args.failing_tools.split(",") if t.strip())
+    known = {t["name"] for t in load_tools()[0]}
+    if unknown := sorted(failing - known):
+        parser.error(f"--failing-tools: unknown tool(s): {', '.join(unknown)}")
+    if args.policy_mode not in POLICY_MODES:
+        parser.error("POLICY_MODE must be off|log-only|enforce")
     return SandboxConfig(
         db_path=args.db,
         seed_secret=args.seed_secret,
@@ -37,6 +53,9 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
         api_port=args.api_port,
         mcp_port=args.mcp_port,
         jwt_ttl_s=args.jwt_ttl_s,
+        mcp_surface=args.mcp_surface,
+        policy_mode=args.policy_mode,
+        failing_tools=failing,
     )
 
 

@@ -158,6 +158,20 @@ class AuthService:
         ]
         return Starlette(routes=routes + (extra_routes or []))
 
+    def jwt_claims(self, token: str, *, verify_exp: bool = True) -> dict[str, Any] | None:
+        """The claims of an access token signed here (expired ones too when verify_exp is False); None otherwise."""
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key.public_key(),
+                algorithms=["EdDSA"],
+                audience=AUDIENCE,
+                options={"verify_exp": verify_exp},
+            )
+        except jwt.PyJWTError:
+            return None
+        return claims
+
 
 async def _health(request: Request) -> Response:
     return JSONResponse({"ok": True, "at": datetime.now(UTC).isoformat()})

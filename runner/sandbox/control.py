@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from runner.sandbox.auth import AuthService
+from runner.sandbox.mcp_server import McpState
 from runner.sandbox.store import (
     EXTRA_SPACES,
     FAULT_ROUTES,
@@ -66,7 +67,7 @@ async def _body(request: Request) -> Any:
         return None
 
 
-def control_mount(store: Store, auth: AuthService) -> Mount:
+def control_mount(store: Store, auth: AuthService, mcp: McpState) -> Mount:
     clock, faults = auth.clock, auth.faults
 
     async def actions(request: Request) -> Response:
@@ -156,6 +157,30 @@ def control_mount(store: Store, auth: AuthService) -> Mount:
             return _bad("now: an ISO-8601 time or null")
         return JSONResponse({"now": iso(clock.now()), "fixed": clock.fixed is not None})
 
+    async def arm_tool_fault(request: Request) -> Response:
+        """{"tool", "message"} fails the handler; {"tool", "padTo": N} pads the result text to N characters."""
+        body = await _body(request)
+        tool, count = (body.get("tool"), body.get("count", 1)) if isinstance(body, dict) else (None, None)
+        if not isinstance(tool, str) or not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            return _bad("tool: a tool name, count: int >= 0")
+        message, pad_to = body.get("message"), body.get("padTo")
+        if isinstance(message, str) and message and pad_to is None:
+            mcp.faults.arm_failure(tool, message, count)
+        elif isinstance(pad_to, int) and not isinstance(pad_to, bool) and pad_to > 0 and message is None:
+            mcp.faults.arm_padding(tool, pad_to, count)
+        else:
+            return _bad("one of message: a non-empty string, padTo: int > 0")
+        return JSONResponse({"ok": True})
+
+    async def expire_jwts(request: Request) -> Response:
+        """JWTs issued before now count as expired: at the gateway (401) and in the handlers of their sessions."""
+        body = await _body(request)
+        user_id = body.get("userId") if isinstance(body, dict) else None
+        if user_id is not None and not isinstance(user_id, str):
+            return _bad("userId: a string, or absent for everyone")
+        await mcp.cutoffs.expire(user_id)
+        return JSONResponse({"ok": True})
+
     async def revoke_sessions(request: Request) -> Response:
         return JSONResponse({"revoked": auth.revoke_sessions()})
 
@@ -172,5 +197,7 @@ def control_mount(store: Store, auth: AuthService) -> Mount:
             Route("/faults", arm_fault, methods=["POST"]),
             Route("/clock", set_clock, methods=["POST"]),
             Route("/sessions/revoke", revoke_sessions, methods=["POST"]),
+            Route("/tool-faults", arm_tool_fault, methods=["POST"]),
+            Route("/jwt/expire", expire_jwts, methods=["POST"]),
         ],
     )

@@ -40,21 +40,9 @@ CREATE TABLE IF NOT EXISTS mcp_calls (
     tool TEXT NOT NULL, arguments TEXT NOT NULL, is_error INTEGER NOT NULL, error_text TEXT, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS logins (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT, outcome TEXT NOT NULL, at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS todos (
-    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, space_id TEXT NOT NULL, title TEXT NOT NULL,
-    due TEXT, priority INTEGER, status TEXT NOT NULL, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS notes (
-    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, space_id TEXT NOT NULL, title TEXT NOT NULL,
-    body TEXT NOT NULL, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS journal (
-    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, space_id TEXT NOT NULL, text TEXT NOT NULL,
-    mood INTEGER, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS habits (
-    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, space_id TEXT NOT NULL, name TEXT NOT NULL,
-    cadence TEXT NOT NULL, archived INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS moods (
-    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, space_id TEXT NOT NULL, score INTEGER NOT NULL,
-    note TEXT, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tool_records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL, id TEXT NOT NULL,
+    user_id TEXT NOT NULL, space_id TEXT NOT NULL, data TEXT NOT NULL, UNIQUE (collection, id));
 """
 
 # The secret a `wrongSeed` persona's password is derived from: anything but the configured one.
@@ -240,6 +228,38 @@ class Store:
 
     def record_login(self, email: str | None, outcome: str, now: datetime) -> None:
         self.execute("INSERT INTO logins (email, outcome, at) VALUES (?,?,?)", (email, outcome, iso(now)))
+
+    # --- what the MCP tools stored (mana-sync's rows, as the registry's handlers see them) --------
+
+    def put_record(self, collection: str, user_id: str, space_id: str, data: dict[str, Any]) -> None:
+        self.execute(
+            "INSERT INTO tool_records (collection, id, user_id, space_id, data) VALUES (?,?,?,?,?)",
+            (collection, data["id"], user_id, space_id, json.dumps(data, ensure_ascii=False)),
+        )
+
+    def patch_record(self, collection: str, user_id: str, record_id: str, fields: dict[str, Any]) -> bool:
+        """A field-level update, like mana-sync's; False when the user has no such record."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT data FROM tool_records WHERE collection = ? AND id = ? AND user_id = ?",
+                (collection, record_id, user_id),
+            ).fetchone()
+            if row is None:
+                return False
+            data = {**json.loads(row[0]), **fields}
+            db.execute(
+                "UPDATE tool_records SET data = ? WHERE collection = ? AND id = ?",
+                (json.dumps(data, ensure_ascii=False), collection, record_id),
+            )
+        return True
+
+    def records(self, collection: str, user_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """(space id, row) of every record of the user in a collection, oldest first (a mana-sync pull)."""
+        rows = self.query(
+            "SELECT space_id, data FROM tool_records WHERE collection = ? AND user_id = ? ORDER BY seq",
+            (collection, user_id),
+        )
+        return [(str(r["space_id"]), dict(json.loads(r["data"]))) for r in rows]
 
 
 def persona_options(row: dict[str, Any]) -> dict[str, bool]:

@@ -1,4 +1,4 @@
-"""Command line: serve (default) | once | demo | login EMAIL | password EMAIL | sandbox.
+"""Command line: serve (default) | once | demo | login EMAIL | tools EMAIL | password EMAIL | sandbox.
 
 Exit codes: 0 done, 1 the run could not be made (Mana unreachable, login refused),
 2 bad configuration or usage. Errors are one line on stderr, never a traceback.
@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="start the local sandbox and run one round for every persona")
     login = sub.add_parser("login", help="prove login and personal-space resolution for EMAIL")
     login.add_argument("email")
+    tools = sub.add_parser("tools", help="list the tools mana-mcp serves EMAIL and what the tool policy decides")
+    tools.add_argument("email")
     password = sub.add_parser("password", help="print the derived password for EMAIL")
     password.add_argument("email")
     sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "login":
         return _run(_login(settings, args.email))
+    if command == "tools":
+        return _run(_tools(settings, args.email))
     if command == "once":
         return _run(_once(settings))
     return _run(_serve(settings))
@@ -115,6 +120,43 @@ async def _login(settings: Settings, email: str) -> int:
     return 0
 
 
+async def _tools(settings: Settings, email: str) -> int:
+    """Log in as EMAIL (unless its password was refused before), open MCP, print each tool's decision."""
+    import httpx
+
+    from runner.journal import Journal
+    from runner.mana.auth import AuthClient
+    from runner.mana.errors import RetryPolicy
+    from runner.tick import TickConfig, served_tools
+
+    config = TickConfig(
+        seed_secret=settings.persona_seed_secret.get_secret_value(),
+        mcp_url=settings.mana_mcp_url,
+        max_turns=settings.persona_max_turns,
+        timeout_s=settings.persona_tick_timeout_s,
+        max_attempts=settings.persona_max_attempts,
+        retry_base_s=settings.persona_retry_base_s,
+        language=settings.persona_language,
+        policy=settings.tool_policy,
+    )
+    # The journal holds the login blocks: a persona refused before is not tried (lockout).
+    try:
+        journal = await Journal.open(settings.runner_state_path)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        raise _Fatal(f"cannot open the journal {settings.runner_state_path}: {type(exc).__name__}") from None
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            auth = AuthClient(http, settings.mana_auth_url, RetryPolicy(attempts=settings.mana_retry_attempts))
+            decisions = await served_tools(config, auth, journal, email)
+    finally:
+        await journal.close()
+    offered = sum(1 for d in decisions if d.offered)
+    rows = [(d.name, "offered" if d.offered else "withheld", d.rule, d.reason.split(": ", 1)[-1]) for d in decisions]
+    print(_render(("tool", "decision", "rule", "reason"), rows))
+    print(f"{len(decisions)} served, {offered} offered, {len(decisions) - offered} withheld")
+    return 0
+
+
 async def _demo() -> int:
     """The README's first command: a sandbox on loopback, one round for every persona, a table."""
     from runner.sandbox import Sandbox, SandboxConfig
@@ -170,14 +212,18 @@ async def _weekday_clock(api_url: str) -> None:
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
-    header = ("persona", "outcome", "tools ok", "tools error", "ratings")
-    lines = [header]
+    lines: list[tuple[str, ...]] = []
     for email, summary in rows:
         if summary is None:
             lines.append((email, "not run", "", "", ""))
             continue
         ratings = ", ".join(f"{m} {r}" for m, r in summary.ratings) or "-"
         lines.append((email, summary.outcome, str(summary.ok), str(summary.errors), ratings))
+    return _render(("persona", "outcome", "tools ok", "tools error", "ratings"), lines)
+
+
+def _render(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    lines = [header, *rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     rendered = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines]
     rendered.insert(1, "  ".join("-" * w for w in widths))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 REGISTRY = CollectorRegistry()
@@ -10,6 +12,12 @@ ProcessCollector(registry=REGISTRY)
 TICKS = Counter("persona_ticks_total", "Ticks by how they ended.", ["outcome"], registry=REGISTRY)
 TOOL_CALLS = Counter(
     "persona_tool_calls_total", "MCP tool calls by tool and result.", ["tool", "result"], registry=REGISTRY
+)
+TOOL_DECISIONS = Counter(
+    "persona_tool_decisions_total",
+    "Tool-policy decisions per served tool, once per tick: offered or withheld, and by which rule.",
+    ["tool", "decision", "rule"],
+    registry=REGISTRY,
 )
 ERRORS = Counter("persona_errors_total", "Failures by the stage they happened in.", ["stage"], registry=REGISTRY)
 TICK_DURATION = Histogram(
@@ -34,3 +42,21 @@ POLLS = Counter("persona_polls_total", "GET /due polls by result.", ["result"], 
 OUTBOX_BACKLOG = Gauge("persona_outbox_backlog", "Batches recorded but not yet accepted by the API.", registry=REGISTRY)
 IN_FLIGHT = Gauge("persona_ticks_in_flight", "Ticks running now.", registry=REGISTRY)
 PAUSED = Gauge("persona_runner_paused", "1 while new ticks are paused.", registry=REGISTRY)
+
+
+# A server names its tools and a model invents names: neither may grow the series without end.
+# The first MAX_TOOL_LABELS legal names keep their own label for the life of the process.
+MAX_TOOL_LABELS = 200
+OTHER_TOOL = "__other"
+_LABEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_tool_labels: set[str] = set()
+
+
+def tool_label(name: str) -> str:
+    """The label value for a tool name: itself while there is room, else `__other`."""
+    if name in _tool_labels:
+        return name
+    if len(_tool_labels) >= MAX_TOOL_LABELS or not _LABEL_NAME.fullmatch(name):
+        return OTHER_TOOL
+    _tool_labels.add(name)
+    return name

@@ -86,6 +86,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 max_attempts=settings.persona_max_attempts,
                 retry_base_s=settings.persona_retry_base_s,
                 language=settings.persona_language,
+                policy=settings.tool_policy,
             )
             deps = TickDeps(config=config, auth=auth, journal=journal, make_provider=make_provider)
             yield Runtime(settings, journal, api, Outbox(journal, api), deps)

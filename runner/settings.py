@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runner.agent.policy import ToolPolicy, parse_patterns
 from runner.persona import DEV_SEED_SECRET
 
 
@@ -34,6 +35,9 @@ class Settings(BaseSettings):
     llm_provider: Literal["anthropic", "scripted"] = "anthropic"
     llm_max_tokens: int = Field(default=1024, ge=64, le=8192)
     scripted_seed: str = "mana"
+    # Comma-separated globs on dotted tool names (`todo.*,comic.generate*`); see runner/agent/policy.py.
+    persona_tools_allow: str = ""
+    persona_tools_deny: str = ""
     persona_language: Literal["de", "en"] = "de"
 
     persona_seed_secret: SecretStr = SecretStr(DEV_SEED_SECRET)
@@ -62,6 +66,12 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/") if value else value
 
+    @field_validator("persona_tools_allow", "persona_tools_deny")
+    @classmethod
+    def _tool_patterns(cls, value: str) -> str:
+        parse_patterns(value)
+        return value
+
     @model_validator(mode="after")
     def _production_rules(self) -> Settings:
         if self.node_env == "production":
@@ -78,6 +88,10 @@ class Settings(BaseSettings):
     @property
     def production(self) -> bool:
         return self.runner_env == "production"
+
+    @property
+    def tool_policy(self) -> ToolPolicy:
+        return ToolPolicy.from_settings(self.persona_tools_allow, self.persona_tools_deny)
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log line, an error or a metric."""

@@ -21,13 +21,14 @@ import structlog
 
 from runner import metrics
 from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, play
+from runner.agent.policy import Decision, ToolPolicy, summary
 from runner.agent.prompts import Language, liked_modules, rating_prompt, system_prompt
 from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
 from runner.log import get_logger, register_secret
-from runner.mana.auth import AuthClient
-from runner.mana.errors import ApiError, ManaError, PermanentError
-from runner.mana.mcp import McpGateway, ToolSpec
+from runner.mana.auth import AuthClient, Login
+from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
+from runner.mana.mcp import McpGateway, SpaceRefused, ToolSpec, error_message
 from runner.persona import TICK_ROW, ActionRow, DuePersona, derive_password, input_hash, module_of
 
 log = get_logger("runner.tick")
@@ -46,6 +47,7 @@ class TickConfig:
     retry_base_s: float
     language: Language
     call_timeout_s: float = 60.0
+    policy: ToolPolicy = field(default_factory=ToolPolicy)
     # One TLS context for every MCP session of the process, built once.
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
 
@@ -63,10 +65,15 @@ class TickDeps:
     make_provider: ProviderFactory
 
 
+class NoToolsOffered(Exception):
+    """The policy withheld every served tool: the persona could do nothing, which is not a quiet day."""
+
+
 @dataclass(slots=True)
 class _Progress:
     stage: str = "login"
     play: Play = field(default_factory=Play)
+    calls: _JournaledCalls | None = None
 
 
 async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
@@ -88,58 +95,125 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         reason = f"timeout: tick exceeded {deps.config.timeout_s:g}s during {progress.stage}"
         return await _fail(deps, claim, progress, "timeout", reason, started)
     except asyncio.CancelledError:
+        if not _shutting_down():
+            # Nobody cancelled this task: the MCP SDK's task group did, because its connection
+            # dropped. That is a passing failure like any other, not a shutdown (issue 7).
+            dropped = TransportError(f"mcp: connection to mana-mcp dropped during {progress.stage}", stage="mcp")
+            if progress.calls is not None:
+                await progress.calls.abandon("outcome unknown: the connection to mana-mcp dropped during the call")
+            return await _failed(deps, claim, progress, dropped, started)
         # Shutdown cut the tick: keep what was done and say why, then let the cancel go on.
         await asyncio.shield(
             _fail(deps, claim, progress, "interrupted", "interrupted: runner shut down during this tick", started)
         )
         raise
     except Exception as exc:  # noqa: BLE001 - one persona failing must never stop the others
-        metrics.ERRORS.labels(stage=progress.stage).inc()
-        reason = str(exc) if isinstance(exc, ManaError) else f"{progress.stage}: {type(exc).__name__}: {exc}"
-        may_pass = (isinstance(exc, ManaError) and exc.retryable) or isinstance(exc, ModelUnavailable)
-        # Only a tick that has not touched Mana yet may run again: a replayed day would double its content.
-        if may_pass and progress.play.calls == 0 and claim.attempt < deps.config.max_attempts:
-            retry_in = deps.config.retry_base_s * 2 ** (claim.attempt - 1)
-            await deps.journal.defer(claim.tick_id, reason, time.time() + retry_in, time.time())
-            log.warning("tick deferred", error=reason, attempt=claim.attempt, retry_in_s=retry_in)
-            return _finish("deferred", started)
-        return await _fail(deps, claim, progress, "failed", reason, started)
+        return await _failed(deps, claim, progress, exc, started)
     finally:
         metrics.IN_FLIGHT.dec()
         structlog.contextvars.unbind_contextvars("persona", "tick_id", "stage")
 
 
+async def _failed(deps: TickDeps, claim: Claim, progress: _Progress, exc: Exception, started: float) -> Outcome:
+    """Any failure but a timeout or a shutdown: deferred when it may pass and nothing reached Mana."""
+    metrics.ERRORS.labels(stage=progress.stage).inc()
+    known = isinstance(exc, (ManaError, NoToolsOffered))
+    reason = str(exc) if known else f"{progress.stage}: {type(exc).__name__}: {exc}"
+    may_pass = (isinstance(exc, ManaError) and exc.retryable) or isinstance(exc, ModelUnavailable)
+    # Only a tick that has not touched Mana yet may run again: a replayed day would double its content.
+    if may_pass and progress.play.calls == 0 and claim.attempt < deps.config.max_attempts:
+        retry_in = deps.config.retry_base_s * 2 ** (claim.attempt - 1)
+        await deps.journal.defer(claim.tick_id, reason, time.time() + retry_in, time.time())
+        log.warning("tick deferred", error=reason, attempt=claim.attempt, retry_in_s=retry_in)
+        return _finish("deferred", started)
+    return await _fail(deps, claim, progress, "failed", reason, started)
+
+
+def _shutting_down() -> bool:
+    """True when someone cancelled this task (drain, Ctrl-C), as opposed to an SDK-internal cancel scope."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _email_key(email: str) -> str:
+    # `python -m runner tools EMAIL` knows a persona by its email only (a refused login reveals no
+    # user id), so a refusal is also recorded under this key, and both keys are checked.
+    return f"email:{email}"
+
+
+async def _login(config: TickConfig, auth: AuthClient, journal: Journal, email: str, user_id: str | None) -> Login:
+    """Log a persona in, never spending a lockout attempt on a password refused before with this secret."""
+    keys = [k for k in (user_id, _email_key(email)) if k]
+    for key in keys:
+        blocked = await journal.login_block(key, config.secret_fingerprint)
+        if blocked:
+            raise PermanentError(
+                f"login: not attempted, refused before with this seed secret ({blocked})", stage="login"
+            )
+    password = derive_password(config.seed_secret, email)
+    register_secret(password)
+    try:
+        return await auth.login(email, password)
+    except ApiError as exc:
+        if exc.code == "INVALID_CREDENTIALS":
+            for key in keys:
+                await journal.block_login(key, config.secret_fingerprint, str(exc), time.time())
+        raise
+
+
+def _gateway(config: TickConfig, auth: AuthClient, email: str, login: Login, space_id: str) -> McpGateway:
+    async def fresh_token() -> str:
+        # Re-login rather than refresh: the derived password always works and needs no session state.
+        return (await auth.login(email, derive_password(config.seed_secret, email))).access_token
+
+    return McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s, config.tls)
+
+
+def _decide(policy: ToolPolicy, specs: list[ToolSpec]) -> list[Decision]:
+    """The policy's decisions for this tick, counted in metrics and logged once."""
+    decisions = policy.decide(specs)
+    for d in decisions:
+        metrics.TOOL_DECISIONS.labels(
+            tool=metrics.tool_label(d.name), decision="offered" if d.offered else "withheld", rule=d.rule
+        ).inc()
+    offered = sum(1 for d in decisions if d.offered)
+    withheld = len(decisions) - offered
+    log.info("tools decided", served=len(decisions), offered=offered, withheld=withheld, by_rule=summary(decisions))
+    return decisions
+
+
+async def served_tools(config: TickConfig, auth: AuthClient, journal: Journal, email: str) -> list[Decision]:
+    """What `python -m runner tools EMAIL` shows: the served list with the policy's decision per tool."""
+    login = await _login(config, auth, journal, email, None)
+    space_id = await auth.personal_space(login.access_token)
+    async with _gateway(config, auth, email, login, space_id) as gateway:
+        return config.policy.decide(await gateway.tools())
+
+
 async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress: _Progress) -> list[str]:
     """The persona's day; returns the modules it used (empty for a quiet day)."""
     config = deps.config
-    blocked = await deps.journal.login_block(persona.user_id, config.secret_fingerprint)
-    if blocked:
-        raise PermanentError(f"login: not attempted, refused before with this seed secret ({blocked})", stage="login")
-    password = derive_password(config.seed_secret, persona.email)
-    register_secret(password)
-    try:
-        login = await deps.auth.login(persona.email, password)
-    except ApiError as exc:
-        if exc.code == "INVALID_CREDENTIALS":
-            await deps.journal.block_login(persona.user_id, config.secret_fingerprint, str(exc), time.time())
-        raise
+    login = await _login(config, deps.auth, deps.journal, persona.email, persona.user_id)
     _stage(progress, "spaces")
     space_id = await deps.auth.personal_space(login.access_token)
 
-    async def fresh_token() -> str:
-        # Re-login rather than refresh: the derived password always works and needs no session state.
-        return (await deps.auth.login(persona.email, password)).access_token
-
     _stage(progress, "mcp")
-    gateway = McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s, config.tls)
-    async with gateway:
+    async with _gateway(config, deps.auth, persona.email, login, space_id) as gateway:
         specs = await gateway.tools()
-        offered = [s for s in specs if not s.destructive]  # never hand the model a destructive tool
+        _stage(progress, "tools")
+        decisions = _decide(config.policy, specs)
+        offered_names = {d.name for d in decisions if d.offered}
+        if not offered_names:
+            why = ", ".join(f"{rule}: {n}" for rule, n in summary(decisions).items()) or "the server served none"
+            log.warning("no tools offered: check PERSONA_TOOLS_ALLOW / PERSONA_TOOLS_DENY", served=len(specs), why=why)
+            raise NoToolsOffered(f"no tools offered: all {len(specs)} withheld by policy ({why})")
+        offered = [s for s in specs if s.name in offered_names]
         tools = [ToolDef(s.name, s.description, s.input_schema) for s in offered]
         modules = liked_modules(persona.module_mix, {module_of(s.name) for s in offered})
         system = system_prompt(persona.system_prompt, modules, datetime.now(UTC).date(), config.language)
         provider = deps.make_provider(persona, claim.tick_id)
-        call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered)
+        call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered_names)
+        progress.calls = call_tool
 
         _stage(progress, "play")
         await play(provider, system, tools, call_tool, max_turns=config.max_turns, state=progress.play)
@@ -165,14 +239,21 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
 
 
 class _JournaledCalls:
-    """The tick's `call_tool`: journal the intent, call MCP, journal the outcome."""
+    """The tick's `call_tool`: journal the intent, call MCP, journal the outcome.
 
-    def __init__(self, journal: Journal, tick_id: str, gateway: McpGateway, offered: list[ToolSpec]) -> None:
+    Only names the policy offered are sent: a withheld tool or a name the model made up is
+    an error row that never reaches Mana. So is an input that is not a JSON object (tools
+    take objects): it is refused here rather than replaced by `{}`, which would be a call
+    the model never asked for; its row hashes the input as the model gave it.
+    """
+
+    def __init__(self, journal: Journal, tick_id: str, gateway: McpGateway, offered: set[str]) -> None:
         self._journal = journal
         self._tick_id = tick_id
         self._gateway = gateway
-        self._offered = {s.name for s in offered}
+        self._offered = offered
         self._seq = 0
+        self._in_flight: tuple[int, float] | None = None
         self.used: list[str] = []
 
     async def __call__(self, call: ToolCall) -> ToolResult:
@@ -185,21 +266,52 @@ class _JournaledCalls:
         await self._journal.begin_call(self._tick_id, seq, call.name, digest)
         started = time.monotonic()
         if call.name not in self._offered:
-            # A name the model made up, or a tool we withheld: it never reaches Mana.
             ok, text = False, f"Unknown tool {call.name}: not available to you"
+        elif not isinstance(call.input, dict):
+            got = _json_type(call.input)
+            ok, text = False, f"Invalid arguments for tool {call.name}: expected an object, got {got}; not sent"
         else:
-            arguments = call.input if isinstance(call.input, dict) else {}
-            outcome = await self._gateway.call(call.name, arguments)
+            # Left set if the call is cut (a dropped connection cancels it): `abandon` closes it then.
+            self._in_flight = (seq, started)
+            try:
+                outcome = await self._gateway.call(call.name, call.input)
+            except SpaceRefused as exc:
+                self._in_flight = None
+                await self._end(seq, False, str(exc), started)
+                raise
+            self._in_flight = None
             ok, text = outcome.ok, outcome.text
             self.used.append(call.name)
-        latency_ms = round((time.monotonic() - started) * 1000)
-        await self._journal.end_call(self._tick_id, seq, ok, None if ok else _short(text), latency_ms)
-        # Only real tool names become label values: a model's invention must not grow the series.
-        label = call.name if call.name in self._offered else "__unknown"
+        latency_ms = await self._end(seq, ok, text, started)
+        label = metrics.tool_label(call.name) if call.name in self._offered else "__unknown"
         metrics.TOOL_CALLS.labels(tool=label, result="ok" if ok else "error").inc()
         metrics.TOOL_LATENCY.labels(tool=label).observe(latency_ms / 1000)
         log.info("tool call", tool=call.name, ok=ok, latency_ms=latency_ms)
         return ToolResult(call.id, text, not ok)
+
+    async def _end(self, seq: int, ok: bool, text: str, started: float) -> int:
+        latency_ms = round((time.monotonic() - started) * 1000)
+        await self._journal.end_call(self._tick_id, seq, ok, None if ok else error_message(text), latency_ms)
+        return latency_ms
+
+    async def abandon(self, reason: str) -> None:
+        """Close the call that was under way when the session died, saying why its outcome is unknown."""
+        if self._in_flight is not None:
+            seq, started = self._in_flight
+            self._in_flight = None
+            await self._end(seq, False, reason, started)
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "null" if value is None else type(value).__name__
 
 
 async def _fail(
@@ -207,7 +319,7 @@ async def _fail(
 ) -> Outcome:
     metrics_usage(progress.play)
     await deps.journal.seal(
-        claim.tick_id, outcome, ActionRow(TICK_ROW, "error", error_message=reason[:500]), time.time()
+        claim.tick_id, outcome, ActionRow(TICK_ROW, "error", error_message=error_message(reason)), time.time()
     )
     log.warning("tick ended with an error", outcome=outcome, error=reason, calls=progress.play.calls)
     return _finish(outcome, started)
@@ -229,7 +341,3 @@ def metrics_usage(state: Play) -> None:
 def _stage(progress: _Progress, stage: str) -> None:
     progress.stage = stage
     structlog.contextvars.bind_contextvars(stage=stage)
-
-
-def _short(text: str) -> str:
-    return text.strip().splitlines()[0][:300] if text.strip() else "error"

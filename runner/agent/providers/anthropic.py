@@ -25,23 +25,33 @@ from runner.agent.loop import Entry, ModelUnavailable, RatingReply, Results, Too
 from runner.agent.prompts import Language, start_message
 from runner.agent.rating import RATING_TOOL, rating_schema
 
-_LEGAL = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_LEGAL = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _ILLEGAL_CHAR = re.compile(r"[^a-zA-Z0-9_-]")
 _CACHE: CacheControlEphemeralParam = {"type": "ephemeral"}
 
 
-def api_names(mcp_names: list[str]) -> dict[str, str]:
-    """MCP name -> a name the API accepts, unique and stable for the same tool list.
+def api_names(mcp_names: list[str], reserved: frozenset[str] = frozenset({RATING_TOOL})) -> dict[str, str]:
+    """MCP name -> a name the API accepts (`^[a-zA-Z0-9_-]{1,64}$`), unique, stable for the same list.
 
-    `todo.create` becomes `todo_create`; a name that collides, or is too long, gets a short
-    hash of the original so two tools never share an API name.
+    Collision-free for any input, crafted names included (issue 7): names already legal keep
+    themselves; `todo.create` becomes `todo_create`; a name whose plain form is taken (by a
+    legal name, an earlier mapping or a `reserved` one such as the rating tool) gets a short
+    hash of the original, re-hashed until it is free. Sorting first makes the result
+    independent of the order the server lists its tools in.
     """
-    mapping: dict[str, str] = {}
-    taken: set[str] = set()
-    for name in sorted(set(mcp_names)):
-        candidate = _ILLEGAL_CHAR.sub("_", name)[:64] or "tool"
-        if candidate in taken or candidate != name and candidate in mcp_names or not _LEGAL.match(candidate):
-            candidate = f"{_ILLEGAL_CHAR.sub('_', name)[:55]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    names = sorted(set(mcp_names))
+    mapping = {name: name for name in names if _LEGAL.fullmatch(name) and name not in reserved}
+    taken = set(mapping) | reserved
+    for name in names:
+        if name in mapping:
+            continue
+        stem = _ILLEGAL_CHAR.sub("_", name)
+        candidate = stem[:64] or "tool"
+        salt = 0
+        while candidate in taken:
+            digest = hashlib.sha256(f"{salt}:{name}".encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            candidate = f"{stem[:55]}_{digest}"
+            salt += 1
         mapping[name] = candidate
         taken.add(candidate)
     return mapping

@@ -15,7 +15,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from conftest import SEED_SECRET, SERVICE_KEY, Mana
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft7Validator, FormatChecker
@@ -24,6 +26,8 @@ from runner.agent.arguments import IdPool, generate, is_id_field, parse_json
 from runner.agent.loop import Entry, Results, ToolCall, ToolDef, ToolResult, Turn, bound
 from runner.agent.providers.scripted import ScriptedProvider
 from runner.persona import module_of
+from runner.sandbox import Sandbox, SandboxConfig
+from runner.scheduler import open_runtime, run_once
 
 TOOLS: list[dict[str, Any]] = json.loads((Path(__file__).parent / "mana-tools.json").read_text("utf-8"))["tools"]
 SCHEMAS = {t["name"]: t["inputSchema"] for t in TOOLS}
@@ -364,3 +368,32 @@ def test_whatever_the_results_the_player_sends_only_ids_from_successful_ones(
     for call in turn.calls:
         check(call.name, call.input)
         assert set(id_values(call.name, call.input)) <= seen
+
+
+# ------------------------------------------------------------------ on the sandbox's real surface
+
+
+async def test_over_200_scripted_ticks_on_the_sandboxs_default_surface_no_argument_is_refused(tmp_path: Path) -> None:
+    config = SandboxConfig(db_path=str(tmp_path / "sb.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY)
+    assert config.mcp_surface == "real"  # the default: the real gateway's tools, schemas and validation
+    async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url, timeout=30) as control:
+        world = Mana(sandbox, config, control)
+        modules = sorted({module_of(name) for name in SCHEMAS})
+        for n in range(8):
+            spec = {"name": f"spieler{n}", "archetype": "t", "systemPrompt": "", "tickCadence": "hourly"}
+            await world.post("personas", {**spec, "moduleMix": dict.fromkeys(modules, 1.0), "options": {}})
+        ticks, hour = 0, 9
+        async with open_runtime(world.settings(tmp_path, persona_concurrency=10)) as runtime:
+            while ticks < 200:
+                await world.post("clock", {"now": f"2026-11-{25 + hour // 24}T{hour % 24:02d}:30:00+00:00"})
+                ticks += len((await run_once(runtime)).ticks)
+                hour += 1
+        calls, actions = await world.get("mcp-calls"), await world.get("actions")
+    refused = [c for c in calls if "Invalid arguments for tool" in (c["errorText"] or "")]
+    assert refused == [] and len(calls) > 3 * 200
+    assert not [a for a in actions if "Invalid arguments" in (a.get("errorMessage") or "")]
+    for c in calls:
+        check(c["tool"], c["arguments"])
+    # Ids read from earlier results really reach the tools that need them, and Mana knows them.
+    worked = {c["tool"] for c in calls if not c["isError"]}
+    assert {"todo.complete", "habits.update", "augur.resolveSign"} <= worked

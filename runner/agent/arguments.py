@@ -311,6 +311,7 @@ class _Walk:
             low = 1 if high is None or high >= 1 else high - 10
         if high is None or high - low > 50:
             high = low + 20  # an everyday size: a limit of 5, 7 days, level 3
+        high = max(low, high)
         if integer:
             value: int | float = self.rng.randint(int(-(-low // 1)), int(high // 1))
         else:

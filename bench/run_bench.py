@@ -62,6 +62,9 @@ if str(REPO) not in sys.path:
 WEEKDAY = "2026-11-25T09:30:00+00:00"  # a Wednesday: daily personas are due whatever day it is
 SEED_SECRET = "bench-seed-secret"
 SERVICE_KEY = "bench-service-key"
+# Until the runner's tool policy lands (issue 6) it withholds every unannotated tool, so on the real
+# surface a persona would do nothing measurable: benchmark on the annotated variant meanwhile.
+MCP_SURFACE = "annotated"
 DEFAULT_RUNS = "200x2,200x8,200x32,1000x8"
 PERSONA_SPEC = {
     "archetype": "bench",
@@ -287,7 +290,11 @@ async def sandbox_child(spec: dict[str, Any]) -> None:
 
     log.configure("console", "warning")
     config = SandboxConfig(
-        db_path=spec["db"], seed_secret=SEED_SECRET, service_key=SERVICE_KEY, personas_file=Path(spec["catalog"])
+        db_path=spec["db"],
+        seed_secret=SEED_SECRET,
+        service_key=SERVICE_KEY,
+        personas_file=Path(spec["catalog"]),
+        mcp_surface=MCP_SURFACE,
     )
     async with Sandbox(config) as sandbox:
         if spec["nodelay"]:
@@ -329,7 +336,11 @@ async def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         sandbox = Sandbox(
             SandboxConfig(
-                db_path=str(tmp / "sandbox.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, personas_file=catalog
+                db_path=str(tmp / "sandbox.db"),
+                seed_secret=SEED_SECRET,
+                service_key=SERVICE_KEY,
+                personas_file=catalog,
+                mcp_surface=MCP_SURFACE,
             )
         )
 

@@ -28,7 +28,7 @@ from runner.journal import Claim, Journal
 from runner.log import get_logger, register_secret
 from runner.mana.auth import AuthClient, Login
 from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
-from runner.mana.mcp import McpGateway, SpaceRefused, ToolSpec, error_message
+from runner.mana.mcp import McpGateway, ToolSpec, error_message
 from runner.persona import TICK_ROW, ActionRow, DuePersona, derive_password, input_hash, module_of
 
 log = get_logger("runner.tick")
@@ -93,6 +93,8 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         return _finish("ok", started)
     except TimeoutError:
         reason = f"timeout: tick exceeded {deps.config.timeout_s:g}s during {progress.stage}"
+        if progress.calls is not None:
+            await progress.calls.abandon("outcome unknown: the tick timed out during the call")
         return await _fail(deps, claim, progress, "timeout", reason, started)
     except asyncio.CancelledError:
         if not _shutting_down():
@@ -103,9 +105,7 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
                 await progress.calls.abandon("outcome unknown: the connection to mana-mcp dropped during the call")
             return await _failed(deps, claim, progress, dropped, started)
         # Shutdown cut the tick: keep what was done and say why, then let the cancel go on.
-        await asyncio.shield(
-            _fail(deps, claim, progress, "interrupted", "interrupted: runner shut down during this tick", started)
-        )
+        await asyncio.shield(_interrupted(deps, claim, progress, started))
         raise
     except Exception as exc:  # noqa: BLE001 - one persona failing must never stop the others
         return await _failed(deps, claim, progress, exc, started)
@@ -127,6 +127,12 @@ async def _failed(deps: TickDeps, claim: Claim, progress: _Progress, exc: Except
         log.warning("tick deferred", error=reason, attempt=claim.attempt, retry_in_s=retry_in)
         return _finish("deferred", started)
     return await _fail(deps, claim, progress, "failed", reason, started)
+
+
+async def _interrupted(deps: TickDeps, claim: Claim, progress: _Progress, started: float) -> Outcome:
+    if progress.calls is not None:
+        await progress.calls.abandon("outcome unknown: runner stopped during the call")
+    return await _fail(deps, claim, progress, "interrupted", "interrupted: runner shut down during this tick", started)
 
 
 def _shutting_down() -> bool:
@@ -161,10 +167,13 @@ async def _login(config: TickConfig, auth: AuthClient, journal: Journal, email: 
         raise
 
 
-def _gateway(config: TickConfig, auth: AuthClient, email: str, login: Login, space_id: str) -> McpGateway:
+def _gateway(
+    config: TickConfig, auth: AuthClient, journal: Journal, email: str, user_id: str | None, login: Login, space_id: str
+) -> McpGateway:
     async def fresh_token() -> str:
         # Re-login rather than refresh: the derived password always works and needs no session state.
-        return (await auth.login(email, derive_password(config.seed_secret, email))).access_token
+        # Through _login, so even a renewal never spends a lockout attempt twice.
+        return (await _login(config, auth, journal, email, user_id)).access_token
 
     return McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s, config.tls)
 
@@ -186,7 +195,7 @@ async def served_tools(config: TickConfig, auth: AuthClient, journal: Journal, e
     """What `python -m runner tools EMAIL` shows: the served list with the policy's decision per tool."""
     login = await _login(config, auth, journal, email, None)
     space_id = await auth.personal_space(login.access_token)
-    async with _gateway(config, auth, email, login, space_id) as gateway:
+    async with _gateway(config, auth, journal, email, None, login, space_id) as gateway:
         return config.policy.decide(await gateway.tools())
 
 
@@ -198,14 +207,16 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     space_id = await deps.auth.personal_space(login.access_token)
 
     _stage(progress, "mcp")
-    async with _gateway(config, deps.auth, persona.email, login, space_id) as gateway:
+    async with _gateway(config, deps.auth, deps.journal, persona.email, persona.user_id, login, space_id) as gateway:
         specs = await gateway.tools()
         _stage(progress, "tools")
         decisions = _decide(config.policy, specs)
         offered_names = {d.name for d in decisions if d.offered}
         if not offered_names:
-            why = ", ".join(f"{rule}: {n}" for rule, n in summary(decisions).items()) or "the server served none"
+            why = ", ".join(f"{rule}: {n}" for rule, n in summary(decisions).items())
             log.warning("no tools offered: check PERSONA_TOOLS_ALLOW / PERSONA_TOOLS_DENY", served=len(specs), why=why)
+            if not specs:
+                raise NoToolsOffered("no tools offered: mana-mcp served none")
             raise NoToolsOffered(f"no tools offered: all {len(specs)} withheld by policy ({why})")
         offered = [s for s in specs if s.name in offered_names]
         tools = [ToolDef(s.name, s.description, s.input_schema) for s in offered]
@@ -218,24 +229,27 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         _stage(progress, "play")
         await play(provider, system, tools, call_tool, max_turns=config.max_turns, state=progress.play)
         metrics_usage(progress.play)
+    # The session is closed before the rating: it needs only the transcript, and a connection
+    # dropping meanwhile must not cost the persona its ratings.
+    progress.calls = None
 
-        used = sorted({module_of(name) for name in call_tool.used})
-        if not used:
-            return []
-        _stage(progress, "rate")
-        try:
-            reply = await provider.rate(
-                system, tools, progress.play.transcript, rating_prompt(used, RATING_TOOL, config.language), used
-            )
-            progress.play.usage.add(reply.usage)
-            metrics_usage(progress.play)
-            rows = parse_ratings(reply.payload, used)
-            feedback = rows if rows is not None else [parse_failure_row(reply.raw)]
-        except Exception as exc:  # noqa: BLE001 - the day happened; a failed rating must not lose it
-            metrics.ERRORS.labels(stage="rate").inc()
-            feedback = [parse_failure_row(f"rating failed: {type(exc).__name__}: {exc}")]
-        await deps.journal.save_ratings(claim.tick_id, feedback)
-        return used
+    used = sorted({module_of(name) for name in call_tool.used})
+    if not used:
+        return []
+    _stage(progress, "rate")
+    try:
+        reply = await provider.rate(
+            system, tools, progress.play.transcript, rating_prompt(used, RATING_TOOL, config.language), used
+        )
+        progress.play.usage.add(reply.usage)
+        metrics_usage(progress.play)
+        rows = parse_ratings(reply.payload, used)
+        feedback = rows if rows is not None else [parse_failure_row(reply.raw)]
+    except Exception as exc:  # noqa: BLE001 - the day happened; a failed rating must not lose it
+        metrics.ERRORS.labels(stage="rate").inc()
+        feedback = [parse_failure_row(f"rating failed: {type(exc).__name__}: {exc}")]
+    await deps.journal.save_ratings(claim.tick_id, feedback)
+    return used
 
 
 class _JournaledCalls:
@@ -253,7 +267,7 @@ class _JournaledCalls:
         self._gateway = gateway
         self._offered = offered
         self._seq = 0
-        self._in_flight: tuple[int, float] | None = None
+        self._in_flight: _InFlight | None = None
         self.used: list[str] = []
 
     async def __call__(self, call: ToolCall) -> ToolResult:
@@ -263,25 +277,27 @@ class _JournaledCalls:
             digest: str | None = input_hash(call.input)
         except TypeError:
             digest = None
-        await self._journal.begin_call(self._tick_id, seq, call.name, digest)
+        sent = call.name in self._offered and isinstance(call.input, dict)
         started = time.monotonic()
+        # Kept until the outcome is journaled: a timeout or a dropped connection can cut the
+        # journal writes too, and `abandon` then closes the row with what is known.
+        self._in_flight = _InFlight(seq, started) if sent else None
+        await self._journal.begin_call(self._tick_id, seq, call.name, digest)
         if call.name not in self._offered:
             ok, text = False, f"Unknown tool {call.name}: not available to you"
         elif not isinstance(call.input, dict):
             got = _json_type(call.input)
             ok, text = False, f"Invalid arguments for tool {call.name}: expected an object, got {got}; not sent"
         else:
-            # Left set if the call is cut (a dropped connection cancels it): `abandon` closes it then.
-            self._in_flight = (seq, started)
             try:
                 outcome = await self._gateway.call(call.name, call.input)
-            except SpaceRefused as exc:
-                self._in_flight = None
+            except ManaError as exc:  # the session is gone (refused space, failed renewal): the tick ends
                 await self._end(seq, False, str(exc), started)
                 raise
-            self._in_flight = None
             ok, text = outcome.ok, outcome.text
             self.used.append(call.name)
+            if self._in_flight is not None:
+                self._in_flight.outcome = (ok, text)
         latency_ms = await self._end(seq, ok, text, started)
         label = metrics.tool_label(call.name) if call.name in self._offered else "__unknown"
         metrics.TOOL_CALLS.labels(tool=label, result="ok" if ok else "error").inc()
@@ -292,14 +308,22 @@ class _JournaledCalls:
     async def _end(self, seq: int, ok: bool, text: str, started: float) -> int:
         latency_ms = round((time.monotonic() - started) * 1000)
         await self._journal.end_call(self._tick_id, seq, ok, None if ok else error_message(text), latency_ms)
+        self._in_flight = None
         return latency_ms
 
     async def abandon(self, reason: str) -> None:
-        """Close the call that was under way when the session died, saying why its outcome is unknown."""
+        """Close the call that was under way when the tick was cut, with its outcome if known, else `reason`."""
         if self._in_flight is not None:
-            seq, started = self._in_flight
-            self._in_flight = None
-            await self._end(seq, False, reason, started)
+            pending, self._in_flight = self._in_flight, None
+            ok, text = pending.outcome or (False, reason)
+            await self._end(pending.seq, ok, text, pending.started)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    seq: int
+    started: float
+    outcome: tuple[bool, str] | None = None  # (ok, text) once mana-mcp answered
 
 
 def _json_type(value: object) -> str:

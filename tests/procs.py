@@ -17,10 +17,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The one place runner-level tests pick the sandbox's MCP surface. Until the runner's tool policy
-# lands (issue 6), the runner withholds every tool without annotations, so on the real surface it
-# would be offered nothing: these tests run on the annotated variant meanwhile. Switch to "real" then.
-MCP_SURFACE = "annotated"
+# The one place runner-level tests pick the sandbox's MCP surface: the real one (mana-tools.json, no
+# annotations), as the runner meets it in production. The annotated variant with its destructive bait
+# has tests of its own (test_mcp_runner.py), which keep the annotation path of the tool policy tested.
+MCP_SURFACE = "real"
 
 
 def free_port() -> int:

@@ -9,17 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SEED_SECRET, SERVICE_KEY, Mana
+from conftest import Mana
 from fake_anthropic import FakeAnthropic, default_brain
-from procs import MCP_SURFACE, ROOT
+from procs import ROOT
 
 from runner.agent.loop import MAX_RESULT_CHARS, Entry, RatingReply, ToolCall, ToolDef, Turn
 from runner.persona import TICK_ROW, input_hash, module_of
-from runner.sandbox import Sandbox, SandboxConfig
 from runner.scheduler import RoundReport, open_runtime, run_once
 from runner.settings import Settings
 
-DESTRUCTIVE = {"todo.baitDestructive"}  # the annotated surface's bait (procs.MCP_SURFACE)
 TOOL_NAMES = [
     t["name"] for t in json.loads((ROOT / "runner" / "sandbox" / "mana-tools.json").read_text("utf-8"))["tools"]
 ]
@@ -54,7 +52,7 @@ async def test_once_lands_exactly_the_rows_of_what_happened_and_a_rerun_adds_non
     actions, feedback, calls = await mana.get("actions"), await mana.get("feedback"), await mana.get("mcp-calls")
     # Every tool call that reached mana-mcp has exactly one action row, with the same input hash and result.
     assert _rows_by_user(actions) == _calls_by_user(calls)
-    assert not DESTRUCTIVE & {c["tool"] for c in calls}
+    assert {c["tool"] for c in calls} <= set(TOOL_NAMES)
     for persona, tick in report.ticks:
         rows = [a for a in actions if a["tickId"] == tick]
         assert rows and {a["personaId"] for a in rows} == {persona.user_id}
@@ -162,18 +160,19 @@ async def test_a_due_outage_fails_the_poll_with_a_clear_error(mana: Mana, tmp_pa
         await _once(mana.settings(tmp_path, mana_service_key="wrong-key"))
 
 
-class _SlowSecondTurn:
-    """A provider that dawdles before its second turn, long enough for the JWT to expire."""
+class _ExpiresBeforeSecondTurn:
+    """A provider whose JWT the sandbox expires (control route) between its first and second call."""
 
-    def __init__(self, pause_s: float) -> None:
-        self._pause_s = pause_s
+    def __init__(self, world: Mana, user_id: str) -> None:
+        self._world = world
+        self._user_id = user_id
 
     async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
         turns = sum(1 for e in transcript if isinstance(e, Turn))
         if turns >= 2:
             return Turn(text="Fertig.", calls=[])
         if turns == 1:
-            await asyncio.sleep(self._pause_s)
+            await self._world.post("jwt/expire", {"userId": self._user_id})
         return Turn(text="", calls=[ToolCall(f"c{turns}", "todo.create", {"title": f"Aufgabe {turns}"})])
 
     async def rate(
@@ -182,35 +181,23 @@ class _SlowSecondTurn:
         return RatingReply({"ratings": [{"module": m, "rating": 4, "notes": "ok"} for m in modules]}, "")
 
 
-async def test_an_expired_jwt_mid_tick_is_renewed_once_and_the_day_goes_on(tmp_path: Path) -> None:
+async def test_an_expired_jwt_mid_tick_is_renewed_once_and_the_day_goes_on(mana: Mana, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    import httpx
-
-    config = SandboxConfig(
-        db_path=str(tmp_path / "sb.db"),
-        seed_secret=SEED_SECRET,
-        service_key=SERVICE_KEY,
-        jwt_ttl_s=2,
-        mcp_surface=MCP_SURFACE,
-        # The runner still re-sends on its old session after renewing the JWT; the real gateway's handlers
-        # would keep the expired one. Until the runner opens a new session (issue 6), handlers take the request's.
-        session_jwt="request",
-    )
-    async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url) as control:
-        world = Mana(sandbox, config, control)
-        await world.post("clock", {"now": "2026-11-25T09:30:00+00:00"})
-        settings = world.settings(tmp_path, persona_concurrency=10)
-        async with open_runtime(settings) as runtime:
-            deps = replace(runtime.tick_deps, make_provider=lambda p, t: _SlowSecondTurn(2.5))
-            object.__setattr__(runtime, "tick_deps", deps)
-            report = await run_once(runtime)
-        assert report.backlog == 0
-        actions = await world.get("actions")
-        assert [a["result"] for a in actions if a["toolName"] == "todo.create"] == ["ok"] * 2 * len(report.ticks)
-        persona_emails = {p.email for p, _ in report.ticks}
-        logins = Counter(e["email"] for e in await world.get("logins") if e["outcome"] == "OK")
-        assert all(logins[email] == 2 for email in persona_emails)  # the first login and one renewal
+    # The sandbox's handlers keep the JWT that opened the session, as the real gateway's do: only a
+    # new session after the renewal lets the second call succeed.
+    settings = mana.settings(tmp_path, persona_concurrency=10)
+    async with open_runtime(settings) as runtime:
+        deps = replace(runtime.tick_deps, make_provider=lambda p, t: _ExpiresBeforeSecondTurn(mana, p.user_id))
+        object.__setattr__(runtime, "tick_deps", deps)
+        report = await run_once(runtime)
+    assert report.backlog == 0 and len(report.ticks) == 10
+    actions = await mana.get("actions")
+    for _, tick in report.ticks:
+        rows = [(a["toolName"], a["result"]) for a in actions if a["tickId"] == tick]
+        assert rows == [("todo.create", "ok")] * 2  # one tick id, both rows
+    logins = Counter(e["email"] for e in await mana.get("logins") if e["outcome"] == "OK")
+    assert all(logins[p.email] == 2 for p, _ in report.ticks)  # the first login and one renewal
 
 
 async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_api(
@@ -232,7 +219,8 @@ async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_
     ok = [x for x in fake_anthropic.exchanges if x.status == 200]
     assert len([x for x in fake_anthropic.exchanges if x.status != 200]) == 3  # overloads were retried by the SDK
     offered = {t["name"] for x in ok for t in x.body["tools"]}
-    assert "todo_create" in offered and "todo_baitDestructive" not in offered
+    # The real surface carries no annotations: the policy offers every served tool (contract §5).
+    assert offered == {n.replace(".", "_") for n in TOOL_NAMES} | {"submit_ratings"}
     assert all(x.body["system"][0].get("cache_control") for x in ok)
     ratings = [x for x in ok if x.body.get("tool_choice", {}).get("type") == "tool"]
     # The play tools are one cached prefix, shared by the rating request (its tool comes after).
@@ -351,8 +339,12 @@ async def test_a_tick_timeout_keeps_what_was_done_and_says_why(mana: Mana, tmp_p
         rows = [a for a in actions if a["tickId"] == tick]
         assert [r["toolName"] for r in rows[:-1]] == ["mood.today"] * (len(rows) - 1) and len(rows) >= 2
         assert (rows[-1]["toolName"], rows[-1]["errorMessage"]) == (TICK_ROW, "timeout: tick exceeded 1.2s during play")
+    # A call cut by the timeout is an error row "outcome unknown": it may or may not have reached Mana.
     calls = Counter(c["userId"] for c in await mana.get("mcp-calls"))
-    assert calls == Counter(a["personaId"] for a in actions if a["toolName"] != TICK_ROW)
+    tools = [a for a in actions if a["toolName"] != TICK_ROW]
+    cut = [a for a in tools if (a.get("errorMessage") or "").startswith("outcome unknown")]
+    assert {a["errorMessage"] for a in cut} <= {"outcome unknown: the tick timed out during the call"}
+    assert Counter(a["personaId"] for a in tools if a not in cut) <= calls <= Counter(a["personaId"] for a in tools)
 
 
 async def test_a_bad_row_in_due_is_skipped_with_its_reason() -> None:

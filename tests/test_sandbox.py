@@ -19,11 +19,14 @@ import httpx2
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fake_anthropic import sample_from_schema
+from jsonschema import Draft7Validator
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from runner.persona import DEV_SEED_SECRET, derive_password
 from runner.sandbox import Sandbox, SandboxConfig
+from runner.sandbox.zod_issues import FORMATS
 
 REPO = Path(__file__).parents[1]
 KEY = "sandbox-service-key"
@@ -602,6 +605,55 @@ async def test_mcp_refuses_arguments_as_the_real_gateway(sb: Sandbox, http: http
     calls = (await http.get(f"{sb.api_url}/__sandbox/mcp-calls")).json()
     assert [c["isError"] for c in calls] == [True] * 5  # refused before any handler ran, and all recorded
     assert calls[0]["errorText"] == error_text(colour)
+
+
+def _variants(schema: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """A plausible argument set, and that set spoiled one field at a time (wrong type, null, dropped)."""
+    base = sample_from_schema(schema)
+    out = [base, {**base, "unknownKey": seed}]
+    wrong: list[Any] = [12345, "x" * (seed % 3), None, [], 2.5, -1, "2026-13-40"]
+    for index, key in enumerate(schema.get("properties") or {}):
+        out.append({**base, key: wrong[(index + seed) % len(wrong)]})
+        out.append({k: v for k, v in base.items() if k != key})
+    return out
+
+
+HANDLER_FAILURES = (
+    "mana-api /picture/generate-with-reference failed: 503",
+    "picture.generate-with-reference failed: 503",
+    "Outfit ",
+    "Comic story ",
+    "Comic-Character ",
+    "reorder rejected: ",
+)
+
+
+async def test_mcp_refuses_exactly_what_the_schema_refuses_and_handles_the_rest(
+    sb: Sandbox, http: httpx.AsyncClient
+) -> None:
+    gisela = (await personas(http, sb))["gisela"]
+    token = await jwt_for(http, sb, gisela["email"])
+    checked = refused = 0
+    async with mcp_session(sb, token, personal_space(gisela)) as client:
+        for tool in TOOLS_FILE["tools"]:
+            schema = tool["inputSchema"]
+            checker = Draft7Validator(schema, format_checker=FORMATS)
+            for seed in range(2):
+                for arguments in _variants(schema, seed):
+                    known = {k: v for k, v in arguments.items() if k in (schema.get("properties") or {})}
+                    valid = not schema.get("properties") or checker.is_valid(known)
+                    result = await client.call_tool(tool["name"], arguments)
+                    text = result.content[0].text
+                    checked += 1
+                    if not valid:
+                        refused += 1
+                        zod_issues(error_text(result), tool["name"])
+                    elif result.is_error:
+                        prefix = f"Tool {tool['name']} failed: "
+                        assert text.startswith(prefix) and text[len(prefix) :].startswith(HANDLER_FAILURES), text
+                    else:
+                        result_json(result)
+    assert checked > 500 and 0 < refused < checked
 
 
 async def test_mcp_fault_and_size_switches(tmp_path: Path, http: httpx.AsyncClient) -> None:

@@ -199,11 +199,12 @@ class McpGateway:
     async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
         """A tool's own failure is an outcome the persona reports, never an exception.
 
-        Only SpaceRefused (and cancellation) escape: the tick cannot go on without a session.
+        A ManaError escapes: a refused space, or a renewal whose login or new session failed.
+        Without a session the tick cannot go on, and a renewal must not be tried again per call.
         """
         try:
             result = await self._renewing(functools.partial(self._call_tool, name, arguments))
-        except SpaceRefused:
+        except ManaError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken call is still one error row, not a dead tick
             return ToolOutcome(ok=False, text=_short(exc))

@@ -65,7 +65,10 @@ def validation_error_text(tool: str, schema: dict[str, Any], arguments: Any) -> 
         issues = [_invalid_type("object", _received(arguments), [])]
     else:
         known = strip_and_default(schema, arguments)
-        issues = _issues(schema, list(validator(schema).iter_errors(known)))
+        errors = list(validator(schema).iter_errors(known))
+        issues = _issues(schema, errors)
+        if errors and not issues:  # never let refused arguments reach a handler unreported
+            issues = [{"code": "custom", "message": e.message, "path": list(e.absolute_path)} for e in errors]
     if not issues:
         return None
     body = json.dumps(issues, indent=2, ensure_ascii=False)

@@ -399,6 +399,18 @@ async def test_mcp_gateway_refusals(sb: Sandbox, http: httpx.AsyncClient) -> Non
     assert hijack.status_code == 403 and hijack.json() == {"error": "Session belongs to a different user"}
     unknown = await initialize(sandra, sandra_space, session="no-such-session")
     assert unknown.status_code == 404 and unknown.json() == {"error": "Session not found"}
+    # Only a POST may open a session, and only with `initialize` (the SDK 1.29 transport of the real gateway).
+    auth = {**MCP_HEADERS, "Authorization": f"Bearer {sandra}", "X-Mana-Space": sandra_space}
+    assert (await http.get(url, headers=auth)).json() == {"error": "Bad request"}
+    probe = await http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "server/discover"}, headers=auth)
+    assert probe.status_code == 400
+    assert probe.json()["error"] == {"code": -32000, "message": "Bad Request: Server not initialized"}
+    # A client in the SDK's default mode probes first, is refused, and falls back to initialize, as with Mana.
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {sandra}", "X-Mana-Space": sandra_space}) as hc,
+        Client(streamable_http_client(url, http_client=hc)) as client,
+    ):
+        assert len((await client.list_tools()).tools) == 33
 
 
 async def test_mcp_serves_exactly_the_real_tools_list(sb: Sandbox, http: httpx.AsyncClient) -> None:

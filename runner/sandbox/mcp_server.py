@@ -195,6 +195,18 @@ class Gateway:
             if owner.user_id != user_id:
                 await _refuse(403, "Session belongs to a different user")(scope, receive, send)
                 return
+        else:
+            # transport.ts: only a POST may open a session, and the SDK 1.29 transport wants `initialize` first.
+            if scope["method"] != "POST":
+                await _refuse(400, "Bad request")(scope, receive, send)
+                return
+            body = await _read_body(receive)
+            if not _is_initialize(body):
+                not_initialized = {"code": -32000, "message": "Bad Request: Server not initialized"}
+                answer = JSONResponse({"jsonrpc": "2.0", "error": not_initialized, "id": None}, status_code=400)
+                await answer(scope, receive, send)
+                return
+            receive = _replay(body, receive)
         scope[_SCOPE_KEY] = _Caller(user_id, space_id, token, session_id)
 
         async def remember_session(message: Message) -> None:
@@ -211,6 +223,40 @@ class Gateway:
         if self.auth.jwt_claims(token, verify_exp=False) is not None:
             return '"exp" claim timestamp check failed'
         return "Invalid Compact JWS" if token.count(".") != 2 else "signature verification failed"
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body once more, then the connection's own messages (a disconnect must still be seen)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _is_initialize(body: bytes) -> bool:
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    messages = message if isinstance(message, list) else [message]
+    return any(isinstance(m, dict) and m.get("method") == "initialize" for m in messages)
 
 
 def _text(text: str, is_error: bool = False) -> types.CallToolResult:

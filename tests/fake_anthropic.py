@@ -31,6 +31,7 @@ import hashlib
 import inspect
 import json
 import math
+import random
 import re
 import secrets
 import socket
@@ -44,6 +45,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from runner.agent.arguments import IdPool, generate
 
 Block = dict[str, Any]
 BrainReply = list[Block] | tuple[list[Block], str]
@@ -389,121 +392,86 @@ def _validate_blocks(i: int, role: str, content: list[Any], seen_ids: set[str]) 
 # --------------------------------------------------------------------------- default brain
 
 
-def sample_from_schema(schema: Any, name: str = "") -> Any:
-    """A plausible value for a JSON schema, the way a model fills a tool input.
-
-    Objects get their required properties (plus note/comment-like ones), numbers the
-    middle of min..max, enums their first value; an array of objects keyed by an enum
-    gets one item per enum value (one rating per module).
-    """
-    if not isinstance(schema, dict):
-        return "ok"
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
-    for alt in ("anyOf", "oneOf", "allOf"):
-        if schema.get(alt):
-            options = [s for s in schema[alt] if isinstance(s, dict) and s.get("type") != "null"]
-            return sample_from_schema(options[0] if options else schema[alt][0], name)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((t for t in kind if t != "null"), "null")
-    if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
-
-    if kind == "object":
-        props: dict[str, Any] = schema.get("properties") or {}
-        required = schema.get("required")
-        wanted = [p for p in props if required is None or p in required or re.search(r"note|comment|feedback", p, re.I)]
-        return {p: sample_from_schema(props[p], p) for p in wanted}
-    if kind == "array":
-        items = schema.get("items") or {}
-        out: list[Any] = []
-        enum_prop = (
-            next(
-                (p for p, s in (items.get("properties") or {}).items() if isinstance(s, dict) and s.get("enum")),
-                None,
-            )
-            if isinstance(items, dict) and items.get("type", "object") == "object"
-            else None
-        )
-        if enum_prop:
-            for value in items["properties"][enum_prop]["enum"]:
-                item = sample_from_schema(items, name)
-                item[enum_prop] = value
-                out.append(item)
-        else:
-            out.append(sample_from_schema(items, name))
-        while len(out) < schema.get("minItems", 0):
-            out.append(out[0])
-        return out[: schema["maxItems"]] if "maxItems" in schema else out
-    if kind in ("integer", "number"):
-        step = 1 if kind == "integer" else 0.5
-        lo: float | None = schema.get("minimum")
-        hi: float | None = schema.get("maximum")
-        if lo is None and "exclusiveMinimum" in schema:
-            lo = schema["exclusiveMinimum"] + step
-        if hi is None and "exclusiveMaximum" in schema:
-            hi = schema["exclusiveMaximum"] - step
-        if lo is not None and hi is not None:
-            value = (lo + hi) // 2 if kind == "integer" else (lo + hi) / 2
-        else:
-            value = lo if lo is not None else min(hi, 1) if hi is not None else 1
-        return int(value) if kind == "integer" else float(value)
-    if kind == "boolean":
-        return True
-    if kind == "null":
-        return None
-    fmt = schema.get("format")
-    text = {
-        "date": "2026-11-22",
-        "date-time": "2026-11-22T10:00:00Z",
-        "email": "test@example.com",
-        "uri": "https://example.com/",
-        "uuid": "00000000-0000-4000-8000-000000000000",
-    }.get(fmt or "")
-    if text is None:
-        text = (
-            "Passt soweit, alles verständlich."
-            if re.search(r"note|comment|feedback", name, re.I)
-            else (f"Beispiel {name}".strip() if name else "ok")
-        )
-    text = text.ljust(schema.get("minLength", 0), ".")
-    return text[: schema["maxLength"]] if "maxLength" in schema else text
-
-
 def default_brain(body: dict[str, Any]) -> tuple[list[Block], str]:
-    """Deterministic stand-in for a model: forced tools, two rounds of tool use, then talk."""
+    """Deterministic stand-in for a model: forced tools, two rounds of tool use, then talk.
+
+    Inputs come from the project's one schema-driven generator (runner.agent.arguments), fed
+    with the ids of earlier tool results, so a tool needing an id nobody returned is passed over.
+    """
     tools: list[dict[str, Any]] = body.get("tools") or []
     choice: dict[str, Any] = body.get("tool_choice") or {"type": "auto"}
     messages: list[dict[str, Any]] = body["messages"]
     tool_turns = sum(
         1 for m in messages if m["role"] == "assistant" and any(b.get("type") == "tool_use" for b in _blocks(m))
     )
+    ids = _seen_ids(messages)
 
-    def use(tool: dict[str, Any]) -> Block:
-        return {
-            "type": "tool_use",
-            "id": "toolu_" + secrets.token_hex(12),
-            "name": tool["name"],
-            "input": sample_from_schema(tool["input_schema"]),
-        }
+    def use(tool: dict[str, Any]) -> Block | None:
+        rng = random.Random(f"{tool_turns}:{tool['name']}")
+        schema = tool["input_schema"]
+        arguments = _one_per_enum(schema, rng) or generate(schema, rng, tool=_mcp_name(tool["name"]), ids=ids)
+        if arguments is None:
+            return None
+        return {"type": "tool_use", "id": "toolu_" + secrets.token_hex(12), "name": tool["name"], "input": arguments}
 
-    if choice["type"] == "tool":
-        return [use(next(t for t in tools if t["name"] == choice["name"]))], "tool_use"
-    if choice["type"] == "any":
-        return [use(tools[tool_turns % len(tools)])], "tool_use"
+    if choice["type"] in ("tool", "any"):
+        forced = (
+            [t for t in tools if t["name"] == choice["name"]]
+            if choice["type"] == "tool"
+            else tools[tool_turns % len(tools) :] + tools[: tool_turns % len(tools)]
+        )
+        block = next((b for b in map(use, forced) if b is not None), None)
+        if block is not None:
+            return [block], "tool_use"
     if tools and choice["type"] == "auto" and tool_turns < 2:
-        # Round-robin by turn, so a 4-tool list gets tools 0+1, then 2+3.
-        picks = [tools[(2 * tool_turns + k) % len(tools)] for k in range(min(2, len(tools)))]
-        if choice.get("disable_parallel_tool_use"):
-            picks = picks[:1]
-        text = {"type": "text", "text": "Ich probiere das gleich mal aus."}
-        return [text, *(use(t) for t in picks)], "tool_use"
+        # Round-robin by turn, so a 4-tool list gets tools 0+1, then 2+3 (passing over what cannot be called).
+        order = [tools[(2 * tool_turns + k) % len(tools)] for k in range(len(tools))]
+        picks = [b for b in map(use, order) if b is not None][: 1 if choice.get("disable_parallel_tool_use") else 2]
+        if picks:
+            text = {"type": "text", "text": "Ich probiere das gleich mal aus."}
+            return [text, *picks], "tool_use"
     turn = sum(1 for m in messages if m["role"] == "assistant")
     lines = [GERMAN_LINES[turn % len(GERMAN_LINES)], GERMAN_LINES[(turn + 1) % len(GERMAN_LINES)]]
     return [{"type": "text", "text": " ".join(lines[: 1 + turn % 2])}], "end_turn"
+
+
+def _mcp_name(api_name: str) -> str:
+    # The runner's provider maps todo.create to todo_create for the API; enough to find the module.
+    return api_name.replace("_", ".", 1)
+
+
+def _seen_ids(messages: list[dict[str, Any]]) -> IdPool:
+    """The ids in the successful tool results so far, as a model reading them would."""
+    names = {b["id"]: b["name"] for m in messages for b in _blocks(m) if b.get("type") == "tool_use"}
+    ids = IdPool()
+    for m in messages:
+        for b in _blocks(m):
+            if b.get("type") == "tool_result" and not b.get("is_error") and b.get("tool_use_id") in names:
+                content = b.get("content")
+                text = (
+                    content
+                    if isinstance(content, str)
+                    else "".join(c.get("text", "") for c in content or [] if isinstance(c, dict))
+                )
+                ids.learn(_mcp_name(names[b["tool_use_id"]]), text)
+    return ids
+
+
+def _one_per_enum(schema: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+    """A model rating its day gives one item per module, every field filled: an array of objects
+    keyed by an enum gets one item per enum value (each from the generator), e.g. submit_ratings."""
+    for name, prop in (schema.get("properties") or {}).items():
+        items = prop.get("items") if isinstance(prop, dict) and prop.get("type") == "array" else None
+        keys = (items or {}).get("properties") or {}
+        key = next((k for k, sub in keys.items() if isinstance(sub, dict) and sub.get("enum")), None)
+        if items is not None and key is not None:
+            out = []
+            for value in keys[key]["enum"]:
+                item = generate({**items, "required": list(keys)}, rng) or {}
+                out.append({**item, key: value})
+            rest = generate({**schema, "properties": {k: v for k, v in schema["properties"].items() if k != name}}, rng)
+            return {**(rest or {}), name: out}
+    return None
 
 
 # --------------------------------------------------------------------------- usage

@@ -78,7 +78,7 @@ def test_production_refuses_the_development_seed_secret() -> None:
 
 
 def test_password_prints_the_reference_derivation() -> None:
-    vectors = json.loads((ROOT.parent / "shared" / "vectors" / "persona-password.json").read_text(encoding="utf-8"))
+    vectors = json.loads((ROOT / "tests" / "vectors" / "persona-password.json").read_text(encoding="utf-8"))
     vector = next(v for v in vectors["vectors"] if v["secret"] == "prod-Secret_2026!")
     done = run(["password", vector["email"]], {**os.environ, "PERSONA_SEED_SECRET": vector["secret"]}, timeout=30)
     assert done.returncode == 0 and done.stdout.strip() == vector["password"]

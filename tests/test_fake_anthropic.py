@@ -14,7 +14,7 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
-from fake_anthropic import FakeAnthropic, sample_from_schema
+from fake_anthropic import FakeAnthropic, default_brain
 
 MODEL = "claude-haiku-4-5"  # not in the SDK's DEPRECATED_MODELS, so no warning
 
@@ -152,7 +152,7 @@ async def test_forced_tool_choice_fills_schema(client: anthropic.AsyncAnthropic)
     jsonschema.validate(block.input, RATINGS_SCHEMA)
     ratings: Any = block.input["ratings"]
     assert [r["module"] for r in ratings] == ["todo", "notes", "calendar"]
-    assert all(r["rating"] == 3 and r["notes"] for r in ratings)  # mid of 1..5; notes-like props filled
+    assert all(r["notes"] for r in ratings)  # a model rating its day fills every field, notes too
 
 
 async def test_rate_limit_is_retried_then_succeeds(
@@ -302,7 +302,7 @@ async def test_headers_are_required(fake_anthropic: FakeAnthropic) -> None:
     assert no_version.status_code == 400 and "anthropic-version" in no_version.json()["error"]["message"]
 
 
-def test_sample_from_schema_respects_bounds() -> None:
+def test_the_default_brain_fills_inputs_its_schemas_accept() -> None:
     schema = {
         "type": "object",
         "properties": {
@@ -312,10 +312,30 @@ def test_sample_from_schema_respects_bounds() -> None:
             "kind": {"type": ["string", "null"], "enum": ["a", "b"]},
             "short": {"type": "string", "maxLength": 3},
         },
+        "required": ["n", "k", "tags", "kind", "short"],
     }
-    value = sample_from_schema(schema)
-    jsonschema.validate(value, schema)
-    assert value["n"] == 0.5 and value["k"] == 7 and value["kind"] == "a"
+    rating = {
+        "type": "object",
+        "properties": {
+            "ratings": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"module": {"enum": ["todo", "notes"]}, "rating": {"type": "integer"}},
+                    "required": ["module", "rating"],
+                },
+            }
+        },
+        "required": ["ratings"],
+    }
+    tools = [{"name": "t_x", "input_schema": schema}, {"name": "rate", "input_schema": rating}]
+    body = {"messages": [_user("x")], "tools": tools, "tool_choice": {"type": "tool", "name": "t_x"}}
+    blocks, _ = default_brain(body)
+    jsonschema.validate(blocks[0]["input"], schema)
+    assert blocks[0]["input"] == default_brain(body)[0][0]["input"]  # the same request, the same input
+    blocks, _ = default_brain({**body, "tool_choice": {"type": "tool", "name": "rate"}})
+    jsonschema.validate(blocks[0]["input"], rating)
+    assert [r["module"] for r in blocks[0]["input"]["ratings"]] == ["todo", "notes"]  # one rating per module
 
 
 async def test_wrong_key_is_an_authentication_error() -> None:

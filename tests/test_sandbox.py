@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,11 +20,11 @@ import httpx2
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fake_anthropic import sample_from_schema
 from jsonschema import Draft7Validator
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from runner.agent.arguments import IdPool, generate
 from runner.persona import DEV_SEED_SECRET, derive_password
 from runner.sandbox import Sandbox, SandboxConfig
 from runner.sandbox.zod_issues import FORMATS
@@ -619,9 +620,16 @@ async def test_mcp_refuses_arguments_as_the_real_gateway(sb: Sandbox, http: http
     assert calls[0]["errorText"] == error_text(colour)
 
 
-def _variants(schema: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+class _UnknownIds(IdPool):
+    """Every id field gets an id Mana never issued: the gateway validates, the handler says "not found"."""
+
+    def for_field(self, tool: str, field: str) -> list[str]:
+        return ["00000000-0000-4000-8000-000000000000"]
+
+
+def _variants(tool: str, schema: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     """A plausible argument set, and that set spoiled one field at a time (wrong type, null, dropped)."""
-    base = sample_from_schema(schema)
+    base = generate(schema, random.Random(seed), tool=tool, ids=_UnknownIds())
     out = [base, {**base, "unknownKey": seed}]
     wrong: list[Any] = [12345, "x" * (seed % 3), None, [], 2.5, -1, "2026-13-40"]
     for index, key in enumerate(schema.get("properties") or {}):
@@ -651,7 +659,7 @@ async def test_mcp_refuses_exactly_what_the_schema_refuses_and_handles_the_rest(
             schema = tool["inputSchema"]
             checker = Draft7Validator(schema, format_checker=FORMATS)
             for seed in range(2):
-                for arguments in _variants(schema, seed):
+                for arguments in _variants(tool["name"], schema, seed):
                     known = {k: v for k, v in arguments.items() if k in (schema.get("properties") or {})}
                     valid = not schema.get("properties") or checker.is_valid(known)
                     result = await client.call_tool(tool["name"], arguments)

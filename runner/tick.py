@@ -12,7 +12,8 @@ import asyncio
 import hashlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -25,7 +26,7 @@ from runner.agent.prompts import Language, liked_modules, rating_prompt, system_
 from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
 from runner.log import get_logger, register_secret
-from runner.mana.auth import AuthClient
+from runner.mana.auth import AuthClient, Login, Space, is_wrong_password
 from runner.mana.errors import ApiError, ManaError, PermanentError
 from runner.mana.mcp import McpGateway, ToolSpec
 from runner.persona import TICK_ROW, ActionRow, DuePersona, derive_password, input_hash, module_of
@@ -46,6 +47,8 @@ class TickConfig:
     retry_base_s: float
     language: Language
     call_timeout_s: float = 60.0
+    # A remembered personal space older than this is looked up again (MANA_SPACE_RECHECK_H).
+    space_recheck_s: float = 7 * 86_400.0
     # One TLS context for every MCP session of the process, built once.
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
 
@@ -67,6 +70,23 @@ class TickDeps:
 class _Progress:
     stage: str = "login"
     play: Play = field(default_factory=Play)
+    deadline: asyncio.Timeout | None = None
+
+    @asynccontextmanager
+    async def login_wait(self) -> AsyncIterator[None]:
+        """Stop the tick's clock while it queues for a login slot: waiting in line is not the tick being slow."""
+        deadline = self.deadline
+        when = deadline.when() if deadline is not None else None
+        if deadline is None or when is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline.reschedule(None)
+        try:
+            yield
+        finally:
+            deadline.reschedule(when + (loop.time() - started))
 
 
 async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
@@ -76,7 +96,8 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
     started = time.monotonic()
     metrics.IN_FLIGHT.inc()
     try:
-        async with asyncio.timeout(deps.config.timeout_s):
+        async with asyncio.timeout(deps.config.timeout_s) as deadline:
+            progress.deadline = deadline
             modules = await _play_day(deps, persona, claim, progress)
         _stage(progress, "seal")
         # A quiet day still leaves a row: without one the persona stays due and runs at every poll.
@@ -95,6 +116,9 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         raise
     except Exception as exc:  # noqa: BLE001 - one persona failing must never stop the others
         metrics.ERRORS.labels(stage=progress.stage).inc()
+        if _space_refused(exc):
+            # A fresh JWT refused at the gateway: the remembered space may be wrong; look it up next time.
+            await deps.journal.forget_space(persona.user_id)
         reason = str(exc) if isinstance(exc, ManaError) else f"{progress.stage}: {type(exc).__name__}: {exc}"
         may_pass = (isinstance(exc, ManaError) and exc.retryable) or isinstance(exc, ModelUnavailable)
         # Only a tick that has not touched Mana yet may run again: a replayed day would double its content.
@@ -117,18 +141,12 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         raise PermanentError(f"login: not attempted, refused before with this seed secret ({blocked})", stage="login")
     password = derive_password(config.seed_secret, persona.email)
     register_secret(password)
-    try:
-        login = await deps.auth.login(persona.email, password)
-    except ApiError as exc:
-        if exc.code == "INVALID_CREDENTIALS":
-            await deps.journal.block_login(persona.user_id, config.secret_fingerprint, str(exc), time.time())
-        raise
-    _stage(progress, "spaces")
-    space_id = await deps.auth.personal_space(login.access_token)
+    async with _blocking_wrong_password(deps, persona):
+        login, space_id = await _login_and_space(deps, persona, claim, password, progress)
 
     async def fresh_token() -> str:
         # Re-login rather than refresh: the derived password always works and needs no session state.
-        return (await deps.auth.login(persona.email, password)).access_token
+        return (await deps.auth.login(persona.email, password, waiting=progress.login_wait)).access_token
 
     _stage(progress, "mcp")
     gateway = McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s, config.tls)
@@ -162,6 +180,45 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
             feedback = [parse_failure_row(f"rating failed: {type(exc).__name__}: {exc}")]
         await deps.journal.save_ratings(claim.tick_id, feedback)
         return used
+
+
+@asynccontextmanager
+async def _blocking_wrong_password(deps: TickDeps, persona: DuePersona) -> AsyncIterator[None]:
+    try:
+        yield
+    except ApiError as exc:
+        # Every refused password counts toward Mana's lockout: never again with this secret.
+        if is_wrong_password(exc):
+            fingerprint = deps.config.secret_fingerprint
+            await deps.journal.block_login(persona.user_id, fingerprint, str(exc), time.time())
+        raise
+
+
+async def _login_and_space(
+    deps: TickDeps, persona: DuePersona, claim: Claim, password: str, progress: _Progress
+) -> tuple[Login, str]:
+    """The JWT and the personal space: the remembered space costs no second sign-in."""
+    auth = deps.auth
+    known = await deps.journal.known_space(persona.user_id, time.time() - deps.config.space_recheck_s)
+    space = Space(known, "journal") if known is not None else None
+    if space is None and auth.bearer_accepted is False:
+        # The cookie's sign-in first: the JWT minted after it is fresh when the MCP session opens.
+        _stage(progress, "spaces")
+        space = await auth.space_by_cookie(persona.email, password, waiting=progress.login_wait)
+    _stage(progress, "login")
+    login = await auth.login(persona.email, password, waiting=progress.login_wait)
+    if space is None:
+        _stage(progress, "spaces")
+        space = await auth.personal_space(login, persona.email, password, waiting=progress.login_wait)
+    if space.via != "journal":
+        await deps.journal.remember_space(persona.user_id, space.id, time.time())
+    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, space.id, space.via, time.time())
+    return login, space.id
+
+
+def _space_refused(exc: BaseException) -> bool:
+    """mana-mcp refused us with a JWT it had every reason to take (fresh, or renewed once)."""
+    return isinstance(exc, ApiError) and exc.stage == "mcp" and exc.status in (401, 403)
 
 
 class _JournaledCalls:

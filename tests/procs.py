@@ -136,6 +136,7 @@ def runner_env(sandbox: SandboxProcess, state: Path, **extra: str) -> dict[str, 
         RUNNER_STATE_PATH=str(state),
         TICK_INTERVAL_MS="1000",
         MANA_RETRY_BASE_S="0.05",
+        MANA_LOGIN_RATE="1000/1s",  # the sandbox does not limit loopback sign-ins unless asked
         PERSONA_RETRY_BASE_S="0.5",
         LOG_FORMAT="json",
         LOG_LEVEL="debug",

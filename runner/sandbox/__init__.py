@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from runner.persona import DEV_SEED_SECRET
-from runner.sandbox.auth import AuthService
+from runner.sandbox.auth import AuthService, SignInLimit
 from runner.sandbox.control import control_mount, validate_persona_spec
 from runner.sandbox.mcp_server import build_mcp_app
 from runner.sandbox.personas_api import LEGACY_BASE_PATH, PersonasApi
@@ -42,6 +42,9 @@ class SandboxConfig:
     api_port: int = 0
     mcp_port: int = 0
     jwt_ttl_s: int = 900
+    # The real space list refuses Bearer today; True models a future Mana that takes it.
+    spaces_accept_bearer: bool = False
+    signin_limit: SignInLimit = field(default_factory=SignInLimit)
 
 
 class _Server(uvicorn.Server):
@@ -78,13 +81,22 @@ class Sandbox:
         store = self._store = Store(cfg.db_path)
         clock, faults = Clock(), Faults()
         seed_catalog(store, cfg.personas_file, clock)
-        auth = AuthService(store, clock, faults, cfg.seed_secret, cfg.jwt_ttl_s)
+        auth = AuthService(
+            store,
+            clock,
+            faults,
+            cfg.seed_secret,
+            cfg.jwt_ttl_s,
+            spaces_accept_bearer=cfg.spaces_accept_bearer,
+            signin_limit=cfg.signin_limit,
+        )
         personas = PersonasApi(store, clock, faults, cfg.service_key)
         auth_app = auth.app([personas.mount(LEGACY_BASE_PATH)])
         api_app = Starlette(routes=[personas.mount(), control_mount(store, auth)])
         mcp_app = build_mcp_app(store, clock, faults, auth, cfg.host)
         try:
             self.auth_url = await self._serve(auth_app, cfg.auth_port)
+            auth.issuer = self.auth_url  # the JWT's `iss` is mana-auth's base URL
             self.api_url = await self._serve(api_app, cfg.api_port)
             self.mcp_url = await self._serve(mcp_app, cfg.mcp_port)
         except BaseException:
@@ -132,4 +144,4 @@ class Sandbox:
             self._store = None
 
 
-__all__ = ["Sandbox", "SandboxConfig"]
+__all__ = ["Sandbox", "SandboxConfig", "SignInLimit"]

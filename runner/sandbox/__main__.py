@@ -14,7 +14,8 @@ import signal
 import sys
 
 from runner.persona import DEV_SEED_SECRET
-from runner.sandbox import Sandbox, SandboxConfig
+from runner.sandbox import Sandbox, SandboxConfig, SignInLimit
+from runner.settings import parse_rate
 
 
 def _parse(argv: list[str] | None) -> SandboxConfig:
@@ -27,7 +28,23 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
     parser.add_argument("--seed-secret", default=os.environ.get("PERSONA_SEED_SECRET") or DEV_SEED_SECRET)
     parser.add_argument("--service-key", default=os.environ.get("MANA_SERVICE_KEY") or "sandbox-service-key")
     parser.add_argument("--jwt-ttl-s", type=int, default=900)
+    parser.add_argument(
+        "--spaces-accept-bearer",
+        action="store_true",
+        help="let the space list take Bearer JWTs (a future Mana); by default only the session cookie, as today",
+    )
+    parser.add_argument(
+        "--signin-rate-limit",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Better Auth's sign-in limit: auto = only requests with X-Forwarded-For (production behind a proxy)",
+    )
+    parser.add_argument("--signin-rate", default="3/10s", help="sign-ins per window and client IP, e.g. 3/10s")
     args = parser.parse_args(argv)
+    try:
+        count, window = parse_rate(args.signin_rate)
+    except ValueError as exc:
+        parser.error(f"--signin-rate: {exc}")
     return SandboxConfig(
         db_path=args.db,
         seed_secret=args.seed_secret,
@@ -37,6 +54,8 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
         api_port=args.api_port,
         mcp_port=args.mcp_port,
         jwt_ttl_s=args.jwt_ttl_s,
+        spaces_accept_bearer=args.spaces_accept_bearer,
+        signin_limit=SignInLimit(args.signin_rate_limit, count, window),
     )
 
 

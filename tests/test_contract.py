@@ -198,7 +198,9 @@ async def test_an_expired_jwt_mid_tick_is_renewed_once_and_the_day_goes_on(tmp_p
         actions = await world.get("actions")
         assert [a["result"] for a in actions if a["toolName"] == "todo.create"] == ["ok"] * 2 * len(report.ticks)
         persona_emails = {p.email for p, _ in report.ticks}
-        logins = Counter(e["email"] for e in await world.get("logins") if e["outcome"] == "OK" and e["route"] == "login")
+        logins = Counter(
+            e["email"] for e in await world.get("logins") if e["outcome"] == "OK" and e["route"] == "login"
+        )
         assert all(logins[email] == 2 for email in persona_emails)  # the first login and one renewal
 
 

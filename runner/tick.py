@@ -9,6 +9,7 @@ happened in Mana, so the tick is deferred and run again, with the same tick id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 import time
@@ -86,7 +87,9 @@ class _Progress:
         try:
             yield
         finally:
-            deadline.reschedule(when + (loop.time() - started))
+            # A tick cancelled while it waited has no deadline left to move.
+            with contextlib.suppress(RuntimeError):
+                deadline.reschedule(when + (loop.time() - started))
 
 
 async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:

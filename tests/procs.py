@@ -53,7 +53,9 @@ class SandboxProcess:
                 self.proc.wait()
 
 
-def start_sandbox(tmp: Path, *, seed_secret: str, service_key: str, python: str = sys.executable) -> SandboxProcess:
+def start_sandbox(
+    tmp: Path, *, seed_secret: str, service_key: str, python: str = sys.executable, extra: tuple[str, ...] = ()
+) -> SandboxProcess:
     proc = subprocess.Popen(
         [
             python,
@@ -71,6 +73,7 @@ def start_sandbox(tmp: Path, *, seed_secret: str, service_key: str, python: str 
             seed_secret,
             "--service-key",
             service_key,
+            *extra,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,

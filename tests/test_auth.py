@@ -24,6 +24,7 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana
+from procs import start_sandbox
 
 from runner.journal import Journal
 from runner.log import redact
@@ -401,3 +402,26 @@ async def test_sandbox_jwt_claims_and_jwks(mana: Mana) -> None:
     claims = jwt.decode(token, jwt.PyJWK(key).key, algorithms=["EdDSA"], audience="mana", issuer=mana.sandbox.auth_url)
     assert claims["sub"] == body["user"]["id"] and claims["tier"] == "founder" and claims["role"] == "user"
     assert claims["exp"] - claims["iat"] == 900 and claims["sid"] and claims["sid"] != body["token"]
+
+
+def test_sandbox_command_line_switches(tmp_path: Path) -> None:
+    flags = ("--spaces-accept-bearer", "--signin-rate-limit", "on", "--signin-rate", "2/1s")
+    sandbox = start_sandbox(tmp_path, seed_secret=SEED_SECRET, service_key=SERVICE_KEY, extra=flags)
+    try:
+        email = "persona.lena@mana.test"
+        body = {"email": email, "password": derive_password(SEED_SECRET, email)}
+        answers = [httpx.post(f"{sandbox.auth_url}/api/v1/auth/login", json=body, timeout=10) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 429]  # limited without X-Forwarded-For: "on"
+        bearer = {"Authorization": f"Bearer {answers[0].json()['accessToken']}"}
+        spaces = httpx.get(f"{sandbox.auth_url}/api/auth/organization/list", headers=bearer, timeout=10)
+        assert spaces.status_code == 200 and "personal" in [s["metadata"]["type"] for s in spaces.json()]
+    finally:
+        sandbox.stop()
+    bad = subprocess.run(
+        [sys.executable, "-m", "runner.sandbox", "--db", str(tmp_path / "x.db"), "--signin-rate", "many"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--signin-rate: expected N/W" in bad.stderr

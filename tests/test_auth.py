@@ -219,6 +219,14 @@ async def test_thirty_personas_at_concurrency_eight_meet_no_429(tmp_path: Path) 
         times = sorted(e["realAt"] for e in logins)
         assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 3
         assert elapsed > 2 * settings.persona_tick_timeout_s  # the waits were long; no tick timed out
+        journal = await Journal.open(settings.runner_state_path)
+        try:
+            states = [await journal.tick_state(t) for _, t in report.ticks]
+        finally:
+            await journal.close()
+        assert all(st is not None and st["outcome"] == "ok" for st in states)
+        lived = max(st["updated_at"] - st["created_at"] for st in states if st is not None)
+        assert lived > settings.persona_tick_timeout_s  # queued for sign-ins longer than its timeout, yet ok
 
 
 async def test_the_limiter_keeps_better_auths_count_under_random_load() -> None:

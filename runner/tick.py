@@ -121,7 +121,9 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         metrics.ERRORS.labels(stage=progress.stage).inc()
         if _space_refused(exc):
             # A fresh JWT refused at the gateway: the remembered space may be wrong; look it up next time.
-            await deps.journal.forget_space(persona.user_id)
+            # Only a hint: failing to write it must not keep the tick from being sealed below.
+            with contextlib.suppress(Exception):
+                await deps.journal.forget_space(persona.user_id)
         reason = str(exc) if isinstance(exc, ManaError) else f"{progress.stage}: {type(exc).__name__}: {exc}"
         may_pass = (isinstance(exc, ManaError) and exc.retryable) or isinstance(exc, ModelUnavailable)
         # Only a tick that has not touched Mana yet may run again: a replayed day would double its content.

@@ -383,6 +383,8 @@ async def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             persona_concurrency=concurrency,
             persona_max_turns=15,
             persona_tick_timeout_s=600,
+            # The bench measures the runner, not Mana's sign-in limit (the sandbox does not limit loopback).
+            mana_login_rate="100000/1s",
             log_format="console",
             log_level="warning",
         )

@@ -107,16 +107,18 @@ async def _once(settings: Settings) -> int:
 async def _login(settings: Settings, email: str) -> int:
     import httpx
 
-    from runner.mana.auth import AuthClient
+    from runner.mana.auth import AuthClient, LoginLimiter
     from runner.mana.errors import RetryPolicy
 
     password = derive_password(settings.persona_seed_secret.get_secret_value(), email)
     log.register_secret(password)
     async with httpx.AsyncClient(timeout=30) as http:
-        auth = AuthClient(http, settings.mana_auth_url, RetryPolicy(attempts=settings.mana_retry_attempts))
+        policy = RetryPolicy(attempts=settings.mana_retry_attempts)
+        auth = AuthClient(http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
         login = await auth.login(email, password)
-        space = await auth.personal_space(login.access_token)
-    print(f"ok: {email} is user {login.user_id}, personal space {space}")
+        space = await auth.personal_space(login, email, password)
+    # How the space was found tells the operator whether the space list takes Bearer on this Mana.
+    print(f"ok: {email} is user {login.user_id}, personal space {space.id} (space list via {space.via})")
     return 0
 
 
@@ -178,6 +180,8 @@ async def _demo() -> int:
                 runner_state_path=Path(tmp) / "runner.db",
                 log_format="console",
                 mana_retry_base_s=0.2,
+                # The local sandbox, like a development Mana, does not limit sign-ins: no need to pace them.
+                mana_login_rate="100/1s",
             )
             log.configure(settings.log_format, settings.log_level)
             for secret in settings.secrets():

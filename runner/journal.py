@@ -76,6 +76,25 @@ login_blocks = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+# A persona's personal space id never changes (contract §3): remembering it saves the space
+# lookup, which on the real mana-auth costs a second, rate-limited sign-in per tick.
+personal_spaces = sa.Table(
+    "personal_spaces",
+    _meta,
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("space_id", sa.String(255), nullable=False),
+    sa.Column("resolved_at", sa.Float, nullable=False),
+)
+# The space each tick played in, and how it was known (journal | bearer | cookie).
+tick_spaces = sa.Table(
+    "tick_spaces",
+    _meta,
+    sa.Column("tick_id", sa.String(64), primary_key=True),
+    sa.Column("persona_id", sa.String(255), nullable=False),
+    sa.Column("space_id", sa.String(255), nullable=False),
+    sa.Column("via", sa.String(16), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
 batches = sa.Table(
     "batches",
     _meta,
@@ -232,6 +251,46 @@ class Journal:
             )
             return str(reason) if reason is not None else None
 
+    async def known_space(self, persona_id: str, resolved_after: float) -> str | None:
+        """The persona's remembered personal space, if it was looked up after `resolved_after`."""
+        async with self._engine.connect() as conn:
+            space = await conn.scalar(
+                sa.select(personal_spaces.c.space_id).where(
+                    personal_spaces.c.persona_id == persona_id, personal_spaces.c.resolved_at > resolved_after
+                )
+            )
+            return str(space) if space is not None else None
+
+    async def remember_space(self, persona_id: str, space_id: str, now: float) -> None:
+        async with self._write() as conn:
+            await conn.execute(personal_spaces.delete().where(personal_spaces.c.persona_id == persona_id))
+            await conn.execute(
+                personal_spaces.insert().values(persona_id=persona_id, space_id=space_id, resolved_at=now)
+            )
+
+    async def forget_space(self, persona_id: str) -> None:
+        """Mana refused the remembered space: the next tick looks it up again."""
+        async with self._write() as conn:
+            await conn.execute(personal_spaces.delete().where(personal_spaces.c.persona_id == persona_id))
+
+    async def record_tick_space(self, tick_id: str, persona_id: str, space_id: str, via: str, now: float) -> None:
+        async with self._write() as conn:
+            # A retried tick may resolve again; the latest attempt's space is the one it played in.
+            await conn.execute(tick_spaces.delete().where(tick_spaces.c.tick_id == tick_id))
+            await conn.execute(
+                tick_spaces.insert().values(tick_id=tick_id, persona_id=persona_id, space_id=space_id, via=via, at=now)
+            )
+
+    async def tick_space(self, tick_id: str) -> tuple[str, str] | None:
+        """(space id, via) of a tick, for reports and tests."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(tick_spaces.c.space_id, tick_spaces.c.via).where(tick_spaces.c.tick_id == tick_id)
+                )
+            ).first()
+        return (str(row[0]), str(row[1])) if row is not None else None
+
     async def begin_call(self, tick_id: str, seq: int, tool_name: str, input_hash: str | None) -> None:
         async with self._write() as conn:
             await conn.execute(
@@ -376,7 +435,7 @@ class Journal:
                 .scalars()
                 .all()
             )
-            for table in (calls, ratings, batches, ticks):
+            for table in (calls, ratings, batches, tick_spaces, ticks):
                 await conn.execute(table.delete().where(table.c.tick_id.in_(old)))
             return len(old)
 

@@ -20,6 +20,9 @@ REDACTED = "[redacted]"
 
 # A JWT anywhere in a message is a credential, registered or not.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+# So is Better Auth's signed session cookie, `<token>.<base64 HMAC-SHA256>`, URL-encoded or not.
+# By shape, like the JWT: a new cookie per sign-in would make a registry grow forever.
+_SIGNED_COOKIE = re.compile(r"[A-Za-z0-9]{16,}\.(?:[A-Za-z0-9+/]|%2[BbFf]){42,43}(?:=|%3[Dd]){1,2}")
 _secrets: set[str] = set()
 _pattern: re.Pattern[str] | None = None
 _lock = threading.Lock()
@@ -42,7 +45,7 @@ def redact(text: str) -> str:
     pattern = _pattern
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
-    return _JWT.sub(REDACTED, text)
+    return _SIGNED_COOKIE.sub(REDACTED, _JWT.sub(REDACTED, text))
 
 
 def _redact_value(value: Any) -> Any:

@@ -20,7 +20,7 @@ from runner.agent.providers.anthropic import AnthropicProvider
 from runner.agent.providers.scripted import ScriptedProvider
 from runner.journal import Journal
 from runner.log import get_logger
-from runner.mana.auth import AuthClient
+from runner.mana.auth import AuthClient, LoginLimiter
 from runner.mana.errors import ManaError, RetryPolicy
 from runner.mana.personas_api import PersonasApi
 from runner.outbox import Outbox
@@ -55,7 +55,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             httpx.AsyncClient(timeout=timeout) as auth_http,
             httpx.AsyncClient(timeout=timeout) as api_http,
         ):
-            auth = AuthClient(auth_http, settings.mana_auth_url, policy)
+            # One limiter for every sign-in of the process: Mana counts them per client IP.
+            auth = AuthClient(auth_http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
             api = PersonasApi(
                 api_http,
                 settings.mana_api_url,
@@ -87,6 +88,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 retry_base_s=settings.persona_retry_base_s,
                 language=settings.persona_language,
                 policy=settings.tool_policy,
+                space_recheck_s=settings.mana_space_recheck_h * 3600,
             )
             deps = TickDeps(config=config, auth=auth, journal=journal, make_provider=make_provider)
             yield Runtime(settings, journal, api, Outbox(journal, api), deps)

@@ -65,10 +65,10 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
         register_secret(password)
         try:
             login = await auth.login(email, password)
-            space = await auth.personal_space(login.access_token)
+            space = await auth.personal_space(login, email, password)
         except ManaError as exc:
             return JSONResponse({"ok": False, "stage": exc.stage, "error": str(exc)}, status_code=502)
-        return JSONResponse({"ok": True, "userId": login.user_id, "personalSpaceId": space})
+        return JSONResponse({"ok": True, "userId": login.user_id, "personalSpaceId": space.id, "via": space.via})
 
     async def diag_tick(_: Request) -> Response:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +28,11 @@ class Settings(BaseSettings):
     mana_personas_path: str = "/api/v1/personas/internal"
     mana_retry_attempts: int = Field(default=5, ge=1, le=20)
     mana_retry_base_s: float = Field(default=0.5, ge=0)
+    # Sign-ins per window for the whole process (both login endpoints count), as "N/Ws".
+    # Mana's limit is 3 per 10 s per client IP; with several replicas behind one IP, divide it.
+    mana_login_rate: str = "3/10s"
+    # A personal space id never changes; looking it up again is only a safety net (at most daily).
+    mana_space_recheck_h: float = Field(default=168, ge=24)
 
     anthropic_api_key: SecretStr = SecretStr("")
     anthropic_base_url: str | None = None
@@ -72,6 +78,16 @@ class Settings(BaseSettings):
         parse_patterns(value)
         return value
 
+    @field_validator("mana_login_rate")
+    @classmethod
+    def _login_rate(cls, value: str) -> str:
+        parse_rate(value)
+        return value.strip()
+
+    @property
+    def login_rate(self) -> tuple[int, float]:
+        return parse_rate(self.mana_login_rate)
+
     @model_validator(mode="after")
     def _production_rules(self) -> Settings:
         if self.node_env == "production":
@@ -97,6 +113,21 @@ class Settings(BaseSettings):
         """Values that must never reach a log line, an error or a metric."""
         values = [self.mana_service_key, self.anthropic_api_key, self.persona_seed_secret]
         return [v.get_secret_value() for v in values if v.get_secret_value()]
+
+
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0}
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """ "3/10s" -> (3, 10.0): at most 3 per 10 seconds (units ms, s, m; seconds when none)."""
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise ValueError("expected N/W with W in s, ms or m, e.g. 3/10s")
+    count, window = int(match[1]), float(match[2]) * _UNIT_S[match[3] or "s"]
+    if count < 1 or window <= 0:
+        raise ValueError("needs at least 1 sign-in per window and a window above zero, e.g. 3/10s")
+    return count, window
 
 
 def load_settings(**overrides: object) -> Settings:

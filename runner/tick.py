@@ -9,10 +9,12 @@ happened in Mana, so the tick is deferred and run again, with the same tick id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -26,9 +28,9 @@ from runner.agent.prompts import Language, liked_modules, rating_prompt, system_
 from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
 from runner.log import get_logger, register_secret
-from runner.mana.auth import AuthClient, Login
+from runner.mana.auth import AuthClient, Login, Space, WaitHook, is_wrong_password
 from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
-from runner.mana.mcp import McpGateway, ToolSpec, error_message
+from runner.mana.mcp import McpGateway, SpaceRefused, ToolSpec, error_message
 from runner.persona import TICK_ROW, ActionRow, DuePersona, derive_password, input_hash, module_of
 
 log = get_logger("runner.tick")
@@ -48,6 +50,8 @@ class TickConfig:
     language: Language
     call_timeout_s: float = 60.0
     policy: ToolPolicy = field(default_factory=ToolPolicy)
+    # A remembered personal space older than this is looked up again (MANA_SPACE_RECHECK_H).
+    space_recheck_s: float = 7 * 86_400.0
     # One TLS context for every MCP session of the process, built once.
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
 
@@ -75,6 +79,25 @@ class _Progress:
     play: Play = field(default_factory=Play)
     calls: _JournaledCalls | None = None
     gateway: McpGateway | None = None
+    deadline: asyncio.Timeout | None = None
+
+    @asynccontextmanager
+    async def login_wait(self) -> AsyncIterator[None]:
+        """Stop the tick's clock while it queues for a login slot: waiting in line is not the tick being slow."""
+        deadline = self.deadline
+        when = deadline.when() if deadline is not None else None
+        if deadline is None or when is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline.reschedule(None)
+        try:
+            yield
+        finally:
+            # A tick cancelled while it waited has no deadline left to move.
+            with contextlib.suppress(RuntimeError):
+                deadline.reschedule(when + (loop.time() - started))
 
 
 async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
@@ -84,7 +107,8 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
     started = time.monotonic()
     metrics.IN_FLIGHT.inc()
     try:
-        async with asyncio.timeout(deps.config.timeout_s):
+        async with asyncio.timeout(deps.config.timeout_s) as deadline:
+            progress.deadline = deadline
             modules = await _play_day(deps, persona, claim, progress)
         _stage(progress, "seal")
         # A quiet day still leaves a row: without one the persona stays due and runs at every poll.
@@ -113,6 +137,11 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         await asyncio.shield(_interrupted(deps, claim, progress, started))
         raise
     except Exception as exc:  # noqa: BLE001 - one persona failing must never stop the others
+        if isinstance(exc, SpaceRefused):
+            # A fresh JWT refused at the gateway: the remembered space may be wrong; look it up next time.
+            # Only a hint: failing to write it must not keep the tick from being sealed below.
+            with contextlib.suppress(Exception):
+                await deps.journal.forget_space(persona.user_id)
         return await _failed(deps, claim, progress, exc, started)
     finally:
         metrics.IN_FLIGHT.dec()
@@ -152,9 +181,12 @@ def _email_key(email: str) -> str:
     return f"email:{email}"
 
 
-async def _login(config: TickConfig, auth: AuthClient, journal: Journal, email: str, user_id: str | None) -> Login:
-    """Log a persona in, never spending a lockout attempt on a password refused before with this secret."""
-    keys = [k for k in (user_id, _email_key(email)) if k]
+def _block_keys(email: str, user_id: str | None) -> list[str]:
+    return [k for k in (user_id, _email_key(email)) if k]
+
+
+async def _password(config: TickConfig, journal: Journal, email: str, keys: list[str]) -> str:
+    """The derived password, unless it was refused before with this secret: never spend a lockout attempt twice."""
     for key in keys:
         blocked = await journal.login_block(key, config.secret_fingerprint)
         if blocked:
@@ -163,22 +195,78 @@ async def _login(config: TickConfig, auth: AuthClient, journal: Journal, email: 
             )
     password = derive_password(config.seed_secret, email)
     register_secret(password)
+    return password
+
+
+@asynccontextmanager
+async def _blocking_wrong_password(config: TickConfig, journal: Journal, keys: list[str]) -> AsyncIterator[None]:
+    """Every refused password counts toward Mana's lockout: never again with this secret, on either sign-in."""
     try:
-        return await auth.login(email, password)
+        yield
     except ApiError as exc:
-        if exc.code == "INVALID_CREDENTIALS":
+        if is_wrong_password(exc):
             for key in keys:
                 await journal.block_login(key, config.secret_fingerprint, str(exc), time.time())
         raise
 
 
+async def _login(
+    config: TickConfig,
+    auth: AuthClient,
+    journal: Journal,
+    email: str,
+    user_id: str | None,
+    waiting: WaitHook | None = None,
+) -> Login:
+    """Log a persona in, never spending a lockout attempt on a password refused before with this secret."""
+    keys = _block_keys(email, user_id)
+    password = await _password(config, journal, email, keys)
+    async with _blocking_wrong_password(config, journal, keys):
+        return await auth.login(email, password, waiting=waiting)
+
+
+async def _login_and_space(
+    config: TickConfig,
+    auth: AuthClient,
+    journal: Journal,
+    email: str,
+    user_id: str | None,
+    progress: _Progress,
+) -> tuple[Login, Space]:
+    """The JWT and the personal space; a space remembered in the journal costs no second sign-in."""
+    keys = _block_keys(email, user_id)
+    password = await _password(config, journal, email, keys)
+    known = await journal.known_space(user_id, time.time() - config.space_recheck_s) if user_id else None
+    space = Space(known, "journal") if known is not None else None
+    async with _blocking_wrong_password(config, journal, keys):
+        if space is None and auth.bearer_accepted is False:
+            # The cookie's sign-in first: the JWT minted after it is fresh when the MCP session opens.
+            _stage(progress, "spaces")
+            space = await auth.space_by_cookie(email, password, waiting=progress.login_wait)
+        _stage(progress, "login")
+        login = await auth.login(email, password, waiting=progress.login_wait)
+        if space is None:
+            _stage(progress, "spaces")
+            space = await auth.personal_space(login, email, password, waiting=progress.login_wait)
+    if user_id and space.via != "journal":
+        await journal.remember_space(user_id, space.id, time.time())
+    return login, space
+
+
 def _gateway(
-    config: TickConfig, auth: AuthClient, journal: Journal, email: str, user_id: str | None, login: Login, space_id: str
+    config: TickConfig,
+    auth: AuthClient,
+    journal: Journal,
+    email: str,
+    user_id: str | None,
+    login: Login,
+    space_id: str,
+    waiting: WaitHook | None = None,
 ) -> McpGateway:
     async def fresh_token() -> str:
         # Re-login rather than refresh: the derived password always works and needs no session state.
         # Through _login, so even a renewal never spends a lockout attempt twice.
-        return (await _login(config, auth, journal, email, user_id)).access_token
+        return (await _login(config, auth, journal, email, user_id, waiting)).access_token
 
     return McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s, config.tls)
 
@@ -198,21 +286,21 @@ def _decide(policy: ToolPolicy, specs: list[ToolSpec]) -> list[Decision]:
 
 async def served_tools(config: TickConfig, auth: AuthClient, journal: Journal, email: str) -> list[Decision]:
     """What `python -m runner tools EMAIL` shows: the served list with the policy's decision per tool."""
-    login = await _login(config, auth, journal, email, None)
-    space_id = await auth.personal_space(login.access_token)
-    async with _gateway(config, auth, journal, email, None, login, space_id) as gateway:
+    login, space = await _login_and_space(config, auth, journal, email, None, _Progress())
+    async with _gateway(config, auth, journal, email, None, login, space.id) as gateway:
         return config.policy.decide(await gateway.tools())
 
 
 async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress: _Progress) -> list[str]:
     """The persona's day; returns the modules it used (empty for a quiet day)."""
     config = deps.config
-    login = await _login(config, deps.auth, deps.journal, persona.email, persona.user_id)
-    _stage(progress, "spaces")
-    space_id = await deps.auth.personal_space(login.access_token)
+    login, space = await _login_and_space(config, deps.auth, deps.journal, persona.email, persona.user_id, progress)
+    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, space.id, space.via, time.time())
 
     _stage(progress, "mcp")
-    progress.gateway = _gateway(config, deps.auth, deps.journal, persona.email, persona.user_id, login, space_id)
+    progress.gateway = _gateway(
+        config, deps.auth, deps.journal, persona.email, persona.user_id, login, space.id, progress.login_wait
+    )
     async with progress.gateway as gateway:
         specs = await gateway.tools()
         _stage(progress, "tools")

@@ -72,6 +72,8 @@ class Mana:
             node_env=None,
             runner_state_path=tmp_path / "runner.db",
             mana_retry_base_s=0.01,
+            # The sandbox limits sign-ins only when asked (test_auth.py proves the pacing); unpaced here.
+            mana_login_rate="1000/1s",
             persona_retry_base_s=0.05,
             log_format="json",
         )

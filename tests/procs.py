@@ -58,7 +58,9 @@ class SandboxProcess:
                 self.proc.wait()
 
 
-def start_sandbox(tmp: Path, *, seed_secret: str, service_key: str, python: str = sys.executable) -> SandboxProcess:
+def start_sandbox(
+    tmp: Path, *, seed_secret: str, service_key: str, python: str = sys.executable, extra: tuple[str, ...] = ()
+) -> SandboxProcess:
     proc = subprocess.Popen(
         [
             python,
@@ -78,6 +80,7 @@ def start_sandbox(tmp: Path, *, seed_secret: str, service_key: str, python: str 
             service_key,
             "--mcp-surface",
             MCP_SURFACE,
+            *extra,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -143,6 +146,7 @@ def runner_env(sandbox: SandboxProcess, state: Path, **extra: str) -> dict[str, 
         RUNNER_STATE_PATH=str(state),
         TICK_INTERVAL_MS="1000",
         MANA_RETRY_BASE_S="0.05",
+        MANA_LOGIN_RATE="1000/1s",  # the sandbox does not limit loopback sign-ins unless asked
         PERSONA_RETRY_BASE_S="0.5",
         LOG_FORMAT="json",
         LOG_LEVEL="debug",

@@ -90,7 +90,9 @@ def test_login_proves_the_personal_space_and_prints_no_secret(sandbox: SandboxPr
     personal = next(s["id"] for s in markus["spaces"] if s["type"] == "personal")
     done = run(["login", markus["email"]], runner_env(sandbox, tmp_path / "runner.db"), timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"ok: {markus['email']} is user {markus['userId']}, personal space {personal}"
+    assert done.stdout.strip() == (
+        f"ok: {markus['email']} is user {markus['userId']}, personal space {personal} (space list via cookie)"
+    )
 
     from runner.persona import derive_password
 

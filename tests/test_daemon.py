@@ -4,6 +4,7 @@ SIGKILL and restart, SIGTERM drain, pause, metrics and logs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -251,6 +252,7 @@ async def test_metrics_match_the_rows_and_no_secret_reaches_any_output(
     )
     diag = httpx.get(f"{runner.url}/diag/login", params={"email": people[0]["email"]}, timeout=10)
     assert diag.status_code == 200 and diag.json()["ok"] is True
+    assert diag.json()["via"] == "cookie"  # the sandbox's space list refuses Bearer, as the real one does
 
     values = metrics(runner)
     actions, feedback, calls = sandbox.get("actions"), sandbox.get("feedback"), sandbox.get("mcp-calls")
@@ -267,4 +269,16 @@ async def test_metrics_match_the_rows_and_no_secret_reaches_any_output(
     leaked = [s for s in secrets if s in output]
     assert not leaked
     assert not re.search(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.", output), "a JWT reached the logs"
+    assert "refuses Bearer" in output  # the cookie path ran, so there were cookies to leak
+
+    # Nor in what the runner wrote: the rows in Mana, the journal on disk (with its WAL).
+    journal = b"".join(p.read_bytes() for p in tmp_path.glob("runner.db*")).decode("utf-8", "replace")
+    rows = json.dumps([sandbox.get("actions"), sandbox.get("feedback"), sandbox.get("mcp-calls")])
+    for where, text in (("logs", output), ("journal", journal), ("rows", rows)):
+        assert not [s for s in secrets if s in text], where
+        assert not re.search(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.", text), f"a JWT reached the {where}"
+        assert "session_token" not in text, f"a session cookie reached the {where}"
+        # Better Auth's signed cookie value, URL-encoded or not: <token>.<base64 HMAC-SHA256>.
+        signed = r"[A-Za-z0-9]{16,}\.(?:[A-Za-z0-9+/]|%2[BbFf]){42,43}(?:=|%3[Dd]){1,2}"
+        assert not re.search(signed, text), f"a signed session cookie reached the {where}"
     assert '"tick_id"' in output and '"stage"' in output and '"persona"' in output  # tick lines carry their context

@@ -87,8 +87,9 @@ async def _tick(
     return outcome, tid, rows, dict(state or {})
 
 
-def _logins(entries: list[dict[str, Any]], email: str) -> list[str]:
-    return [e["outcome"] for e in entries if e["email"] == email]
+def _logins(entries: list[dict[str, Any]], email: str, route: str | None = "login") -> list[str]:
+    """Outcomes of the persona's sign-ins: JWT logins by default (the space's cookie sign-in is another route)."""
+    return [e["outcome"] for e in entries if e["email"] == email and route in (None, e["route"])]
 
 
 async def test_a_dropped_connection_mid_tick_is_a_failure_not_a_shutdown(mana: Mana, tmp_path: Path) -> None:
@@ -509,7 +510,8 @@ async def test_the_tools_command_never_spends_a_lockout_attempt_and_refuses_bad_
     assert (first[0], second[0]) == (1, 1)
     assert first[2].strip().splitlines()[-1].startswith("error: login: HTTP 401 INVALID_CREDENTIALS")
     assert second[2].strip().splitlines()[-1].startswith("error: login: not attempted, refused before")
-    assert _logins(await mana.get("logins"), locked["email"]) == ["INVALID_CREDENTIALS"]  # one attempt, not two
+    # One attempt, not two, on any sign-in route:
+    assert _logins(await mana.get("logins"), locked["email"], route=None) == ["INVALID_CREDENTIALS"]
 
     code, out, err = await _cli(mana, tmp_path, "tools", "persona.x@mana.test", PERSONA_TOOLS_ALLOW="todo.[abc")
     assert code == 2 and err.strip() == "error: PERSONA_TOOLS_ALLOW: 'todo.[abc' has an unclosed or stray bracket"

@@ -108,12 +108,28 @@ async def test_login_ok_wrong_password_and_lockout(sb: Sandbox, http: httpx.Asyn
     ok = await login(http, sb, lena["email"])
     assert ok.status_code == 200
     body = ok.json()
-    assert list(body) == ["user", "token", "redirect", "accessToken", "refreshToken"]
-    assert body["user"] == {"id": lena["userId"], "email": "persona.lena@mana.test"}
+    assert list(body) == ["redirect", "token", "user", "accessToken", "refreshToken"]  # contract §3
+    assert set(body["user"]) == {
+        "id",
+        "email",
+        "name",
+        "emailVerified",
+        "image",
+        "createdAt",
+        "updatedAt",
+        "twoFactorEnabled",
+        "accessTier",
+        "kind",
+    }
+    assert body["user"]["id"] == lena["userId"] and body["user"]["email"] == "persona.lena@mana.test"
     assert body["redirect"] is False and body["token"] == body["refreshToken"]
-    assert jwt.get_unverified_header(body["accessToken"])["alg"] == "EdDSA"
+    assert "set-cookie" not in ok.headers  # Mana's login sets no cookie
+    header = jwt.get_unverified_header(body["accessToken"])
+    assert header["alg"] == "EdDSA" and header["kid"]
     claims = jwt.decode(body["accessToken"], options={"verify_signature": False})
+    assert list(claims) == ["iat", "sub", "email", "role", "sid", "tier", "exp", "iss", "aud"]
     assert claims["aud"] == "mana" and claims["sub"] == lena["userId"] and claims["exp"] - claims["iat"] == 900
+    assert claims["iss"] == sb.auth_url and claims["email"] == lena["email"] and claims["sid"]
 
     for _ in range(5):
         wrong = await login(http, sb, lena["email"], "not-the-password")
@@ -122,7 +138,8 @@ async def test_login_ok_wrong_password_and_lockout(sb: Sandbox, http: httpx.Asyn
     locked = await login(http, sb, lena["email"])  # even the right password now
     assert locked.status_code == 429
     assert locked.json()["error"] == "ACCOUNT_LOCKED"
-    assert 890 <= locked.json()["retryAfterSec"] <= 900
+    assert locked.json()["message"] == "Account temporarily locked"
+    assert 1790 <= locked.json()["retryAfterSec"] <= 1800
     assert locked.headers["Retry-After"] == str(locked.json()["retryAfterSec"])
 
     bad = await http.post(f"{sb.auth_url}/api/v1/auth/login", content=b"{not json")
@@ -147,36 +164,56 @@ async def test_login_options_and_refresh(sb: Sandbox, http: httpx.AsyncClient) -
     no_jwt = await login(http, sb, await create("nojwt", {"noAccessToken": True}))
     assert no_jwt.status_code == 200 and "accessToken" not in no_jwt.json()
 
-    session = (await login(http, sb, "persona.tim@mana.test")).json()["refreshToken"]
-    refreshed = await http.post(f"{sb.auth_url}/api/v1/auth/refresh", json={"refreshToken": session})
+    # Refresh takes only Better Auth's signed cookie: the login body's refreshToken is refused.
+    tim = "persona.tim@mana.test"
+    session = (await login(http, sb, tim)).json()["refreshToken"]
+    refused = await http.post(f"{sb.auth_url}/api/v1/auth/refresh", json={"refreshToken": session})
+    assert refused.status_code == 401 and refused.json()["message"] == "Session expired"
+    signed = await http.post(
+        f"{sb.auth_url}/api/auth/sign-in/email", json={"email": tim, "password": derive_password(DEV_SEED_SECRET, tim)}
+    )
+    cookie = signed.headers["set-cookie"].split(";", 1)[0]
+    http.cookies.clear()
+    refreshed = await http.post(f"{sb.auth_url}/api/v1/auth/refresh", headers={"Cookie": cookie})
     assert refreshed.status_code == 200 and refreshed.json()["accessToken"].count(".") == 2
     assert (await http.post(f"{sb.api_url}/__sandbox/sessions/revoke")).json()["revoked"] >= 1
-    gone = await http.post(f"{sb.auth_url}/api/v1/auth/refresh", json={"refreshToken": session})
+    gone = await http.post(f"{sb.auth_url}/api/v1/auth/refresh", headers={"Cookie": cookie})
     assert gone.status_code == 401 and gone.json()["error"] == "TOKEN_EXPIRED"
+
+
+async def cookie_for(http: httpx.AsyncClient, sb: Sandbox, email: str) -> str:
+    password = derive_password(DEV_SEED_SECRET, email)
+    response = await http.post(f"{sb.auth_url}/api/auth/sign-in/email", json={"email": email, "password": password})
+    assert response.status_code == 200, response.text
+    http.cookies.clear()  # the client's jar would send it on every later request: pass it explicitly
+    return response.headers["set-cookie"].split(";", 1)[0]
 
 
 async def test_organization_list(sb: Sandbox, http: httpx.AsyncClient) -> None:
     url = f"{sb.auth_url}/api/auth/organization/list"
     lena = await login(http, sb, "persona.lena@mana.test")
-    spaces = (await http.get(url, headers={"Authorization": f"Bearer {lena.json()['accessToken']}"})).json()
+    spaces = (await http.get(url, headers={"Cookie": await cookie_for(http, sb, "persona.lena@mana.test")})).json()
     # A shared space comes first: a client that takes spaces[0] writes into the wrong one.
     assert [s["metadata"]["type"] for s in spaces] == ["team", "personal"]
-    assert set(spaces[0]) == {"id", "name", "slug", "metadata"}
+    assert set(spaces[0]) == {"id", "name", "slug", "logo", "createdAt", "metadata"}
+    assert spaces[1]["metadata"] == {"tier": "public", "type": "personal"}
 
-    markus = await jwt_for(http, sb, "persona.markus@mana.test")
-    as_string = (await http.get(url, headers={"Authorization": f"Bearer {markus}"})).json()
+    markus = await cookie_for(http, sb, "persona.markus@mana.test")
+    as_string = (await http.get(url, headers={"Cookie": markus})).json()
     assert all(isinstance(s["metadata"], str) for s in as_string)
     assert "personal" in [json.loads(s["metadata"])["type"] for s in as_string]
 
     spec = {"name": "homeless", "archetype": "t", "systemPrompt": "", "moduleMix": {}, "tickCadence": "daily"}
     await http.post(f"{sb.api_url}/__sandbox/personas", json={**spec, "options": {"noPersonalSpace": True}})
-    homeless = await jwt_for(http, sb, "persona.homeless@mana.test")
-    only_team = (await http.get(url, headers={"Authorization": f"Bearer {homeless}"})).json()
+    homeless = await cookie_for(http, sb, "persona.homeless@mana.test")
+    only_team = (await http.get(url, headers={"Cookie": homeless})).json()
     assert [s["metadata"]["type"] for s in only_team] == ["team"]
 
-    assert (await http.get(url)).status_code == 401
-    session_token = lena.json()["token"]
-    assert (await http.get(url, headers={"Authorization": f"Bearer {session_token}"})).status_code == 401
+    unauthorized = {"message": "Unauthorized", "code": "UNAUTHORIZED"}  # Better Auth's shape, not Mana's envelope
+    assert (await http.get(url)).json() == unauthorized
+    for token in (lena.json()["accessToken"], lena.json()["token"]):  # the JWT and the bare session token
+        refused = await http.get(url, headers={"Authorization": f"Bearer {token}"})
+        assert refused.status_code == 401 and refused.json() == unauthorized
 
 
 # --- apps/api personas internal API ---------------------------------------------------------

@@ -1,14 +1,120 @@
-"""mana-auth: log a persona in and find its personal space (contract §3)."""
+"""mana-auth: log a persona in and find its personal space (contract §3).
+
+Two facts of the real service shape this module:
+- Its space list (`GET /api/auth/organization/list`) refuses `Authorization: Bearer <JWT>` today;
+  only Better Auth's signed session cookie, set by `POST /api/auth/sign-in/email`, opens it. The
+  client tries Bearer once per process and, when refused, uses the cookie from then on.
+- Sign-ins are rate-limited per client IP (3 per 10 s, both login endpoints counting, the 429
+  without Retry-After). One `LoginLimiter` per process paces every sign-in of every tick.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import http.cookiejar
 import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
-from runner.mana.errors import PermanentError, RetryPolicy, request_json
+from runner.log import get_logger
+from runner.mana.errors import ApiError, ManaError, PermanentError, RetryPolicy, TransportError, error_from_response
+
+log = get_logger("runner.mana.auth")
+
+# Mana's own envelope says INVALID_CREDENTIALS; Better Auth's own sign-in says INVALID_EMAIL_OR_PASSWORD.
+WRONG_PASSWORD_CODES = frozenset({"INVALID_CREDENTIALS", "INVALID_EMAIL_OR_PASSWORD"})
+SESSION_COOKIE_SUFFIX = "session_token"  # Better Auth names it `<prefix>.session_token` (Mana: mana.session_token)
+
+# Pauses the caller's own clock (the tick's timeout) while it waits for a login slot.
+WaitHook = Callable[[], AbstractAsyncContextManager[None]]
+SpaceVia = Literal["journal", "bearer", "cookie"]  # remembered, or looked up by which credential
+
+
+def is_wrong_password(exc: BaseException) -> bool:
+    return isinstance(exc, ApiError) and exc.status == 401 and exc.code in WRONG_PASSWORD_CODES
+
+
+class LoginLimiter:
+    """At most `max_logins` sign-ins per `window_s`, for the whole process.
+
+    Better Auth's limiter (better-auth src/api/rate-limiter) keeps, per IP and path, a count and
+    the time of the last served request; it refuses while `count >= max` and the last served
+    request is less than a window ago, and starts a new count only after a full window of
+    silence. That is stricter than "N in any window": sign-ins 4 s apart are refused at the 4th
+    though no 10 s window holds four. So this limiter mirrors it: a chain of at most N sign-ins,
+    and the next chain starts only a window (plus a margin) after the chain's last sign-in
+    *answered* (the server stamps its time when it answers). Chains are a window apart, so no
+    window of W seconds ever holds more than N sign-ins either. A hand-written limiter because
+    the usual libraries (aiolimiter: a leaky bucket) can put N+1 sign-ins into one window.
+    """
+
+    def __init__(
+        self,
+        max_logins: int,
+        window_s: float,
+        *,
+        margin_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_logins < 1 or window_s <= 0:
+            raise ValueError("a login rate needs at least 1 sign-in per positive window")
+        self.max_logins = max_logins
+        self.window_s = window_s
+        # Timer and scheduling slack; 5 % of the window, so a scaled-down test window stays scaled.
+        self.margin_s = window_s * 0.05 if margin_s is None else margin_s
+        self._clock = clock
+        self._count = 0  # sign-ins in the current chain, answered or not
+        self._in_flight = 0
+        self._last = float("-inf")  # when the chain's latest sign-in answered (or a 429 said "full")
+        self._queue = asyncio.Lock()  # FIFO: waiters are served in the order they came
+        self._freed = asyncio.Event()
+
+    @asynccontextmanager
+    async def slot(self, waiting: WaitHook | None = None) -> AsyncIterator[None]:
+        """Hold one sign-in slot for the duration of one sign-in request."""
+        await self._acquire(waiting)
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._last = max(self._last, self._clock())
+            self._freed.set()
+
+    def refused(self) -> None:
+        """The server said 429 anyway (another client on our IP, another replica): wait a full window."""
+        self._count = self.max_logins
+        self._last = max(self._last, self._clock())
+
+    async def _acquire(self, waiting: WaitHook | None) -> None:
+        # No await between a check and its take: in one event loop that pair is atomic.
+        if not self._queue.locked() and self._free_now():
+            self._take()
+            return
+        async with waiting() if waiting is not None else nullcontext(), self._queue:
+            while not self._free_now():
+                await self._wait()
+            self._take()
+
+    def _take(self) -> None:
+        self._count += 1
+        self._in_flight += 1
+
+    def _free_now(self) -> bool:
+        if self._in_flight == 0 and self._clock() - self._last > self.window_s + self.margin_s:
+            self._count = 0  # a full window of silence: Better Auth starts a new count
+        return self._count < self.max_logins
+
+    async def _wait(self) -> None:
+        if self._in_flight:
+            self._freed.clear()
+            await self._freed.wait()  # an answer moves `_last`; only then is the wait known
+        else:
+            await asyncio.sleep(max(0.0, self._last + self.window_s + self.margin_s - self._clock()) + 0.001)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,21 +126,33 @@ class Login:
         return f"Login(user_id={self.user_id!r}, access_token=<redacted>)"
 
 
+@dataclass(frozen=True, slots=True)
+class Space:
+    id: str
+    via: SpaceVia
+
+
+def _refuse_all_cookies() -> httpx.Cookies:
+    # A shared client must never carry one persona's session cookie into another persona's request.
+    return httpx.Cookies(http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])))
+
+
 class AuthClient:
-    def __init__(self, client: httpx.AsyncClient, base_url: str, policy: RetryPolicy) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, base_url: str, policy: RetryPolicy, limiter: LoginLimiter | None = None
+    ) -> None:
         self._client = client
+        client.cookies = _refuse_all_cookies()
         self._base = base_url.rstrip("/")
         self._policy = policy
+        self.limiter = limiter or LoginLimiter(3, 10.0)
+        # Does the space list take Bearer? Unknown until asked once; the answer holds for the process.
+        self.bearer_accepted: bool | None = None
+        self._probe = asyncio.Lock()
 
-    async def login(self, email: str, password: str) -> Login:
-        body = await request_json(
-            self._client,
-            "POST",
-            f"{self._base}/api/v1/auth/login",
-            json={"email": email, "password": password},
-            stage="login",
-            policy=self._policy,
-        )
+    async def login(self, email: str, password: str, *, waiting: WaitHook | None = None) -> Login:
+        response = await self._sign_in("/api/v1/auth/login", email, password, "login", waiting)
+        body = _json(response, "login")
         token = body.get("accessToken") if isinstance(body, dict) else None
         user = body.get("user") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
@@ -45,28 +163,119 @@ class AuthClient:
         user_id = user.get("id") if isinstance(user, dict) else None
         return Login(user_id=str(user_id or ""), access_token=token)
 
-    async def personal_space(self, access_token: str) -> str:
-        spaces = await request_json(
-            self._client,
-            "GET",
-            f"{self._base}/api/auth/organization/list",
-            headers={"Authorization": f"Bearer {access_token}"},
-            stage="spaces",
-            policy=self._policy,
-        )
+    async def personal_space(
+        self, login: Login, email: str, password: str, *, waiting: WaitHook | None = None
+    ) -> Space:
+        """The persona's personal space: by Bearer where the list takes it, else by session cookie."""
+        if self.bearer_accepted is not False:
+            # Only the first ticks of a process queue here; after that the answer is known.
+            async with self._probe if self.bearer_accepted is None else nullcontext():
+                spaces = await self._by_bearer(login)
+            if spaces is not None:
+                return Space(_pick_personal(spaces), "bearer")
+        return await self.space_by_cookie(email, password, waiting=waiting)
+
+    async def space_by_cookie(self, email: str, password: str, *, waiting: WaitHook | None = None) -> Space:
+        """Better Auth's sign-in for its session cookie, then the space list with that cookie."""
+        cookie = await self._session_cookie(email, password, waiting)
+        return Space(_pick_personal(await self._spaces({"Cookie": cookie})), "cookie")
+
+    async def _by_bearer(self, login: Login) -> list[Any] | None:
+        """The space list by Bearer; None once the route is known to refuse it."""
+        if self.bearer_accepted is False:
+            return None
+        try:
+            spaces = await self._spaces({"Authorization": f"Bearer {login.access_token}"})
+        except ApiError as exc:
+            # A JWT minted a moment ago and refused: the route does not take Bearer at all.
+            if exc.status != 401 or self.bearer_accepted:
+                raise
+            self.bearer_accepted = False
+            log.warning(
+                "mana-auth's space list refuses Bearer; using Better Auth's session cookie instead"
+                " (one more sign-in when a persona's space is not yet known)",
+                answer=str(exc),
+            )
+            return None
+        self.bearer_accepted = True
+        return spaces
+
+    async def _session_cookie(self, email: str, password: str, waiting: WaitHook | None) -> str:
+        """`name=value` of Better Auth's signed session cookie, from its own sign-in."""
+        response = await self._sign_in("/api/auth/sign-in/email", email, password, "signin", waiting)
+        for header in response.headers.get_list("set-cookie"):
+            pair = header.split(";", 1)[0].strip()
+            name, _, value = pair.partition("=")
+            if name.endswith(SESSION_COOKIE_SUFFIX) and value:
+                return pair  # sent back verbatim: the value is already URL-encoded as the server signed it
+        raise PermanentError("signin: answer set no session cookie", stage="signin")
+
+    async def _sign_in(
+        self, path: str, email: str, password: str, stage: str, waiting: WaitHook | None
+    ) -> httpx.Response:
+        """One sign-in, paced by the process-wide limiter; retried by the one retry rule."""
+
+        async def attempt() -> httpx.Response:
+            async with self.limiter.slot(waiting):
+                try:
+                    response = await self._client.post(
+                        f"{self._base}{path}", json={"email": email, "password": password}
+                    )
+                except httpx.TransportError as exc:
+                    raise TransportError(f"{stage}: {type(exc).__name__}", stage=stage) from exc
+            if response.status_code < 300:
+                return response
+            error = error_from_response(response, stage)
+            if error.status == 429 and error.code != "ACCOUNT_LOCKED":
+                # Mana's 429 names no wait: the limiter waits out its window before the next try,
+                # so the retry itself need not sleep (and never sooner than the server allows).
+                self.limiter.refused()
+                if error.retry_after is None:
+                    error = ApiError(429, error.code, str(error), stage=stage, retry_after=0.0)
+            raise error
+
+        return await self._policy.run(attempt)
+
+    async def _spaces(self, headers: dict[str, str]) -> list[Any]:
+        async def attempt() -> Any:
+            try:
+                response = await self._client.get(f"{self._base}/api/auth/organization/list", headers=headers)
+            except httpx.TransportError as exc:
+                raise TransportError(f"spaces: {type(exc).__name__}", stage="spaces") from exc
+            if response.status_code >= 300:
+                raise error_from_response(response, "spaces")
+            return _json(response, "spaces")
+
+        spaces = await self._policy.run(attempt)
         if not isinstance(spaces, list):
             raise PermanentError("spaces: answer is not a list", stage="spaces")
-        for space in spaces:
-            if isinstance(space, dict) and _space_type(space.get("metadata")) == "personal" and space.get("id"):
-                return str(space["id"])
-        # Writing into a team or family space would put persona noise in front of real people.
-        raise PermanentError(f"spaces: no personal space among {len(spaces)}", stage="spaces")
+        return spaces
+
+
+def _json(response: httpx.Response, stage: str) -> Any:
+    try:
+        return response.json()
+    except json.JSONDecodeError as exc:
+        raise ApiError(response.status_code, "BAD_BODY", "answer is not JSON", stage=stage) from exc
+
+
+def _pick_personal(spaces: list[Any]) -> str:
+    for space in spaces:
+        if isinstance(space, dict) and _space_type(space.get("metadata")) == "personal":
+            space_id = space.get("id")
+            if isinstance(space_id, str) and space_id:
+                return space_id  # opaque (Better Auth ids are not UUIDs): taken as it is
+    # Writing into a team or family space would put persona noise in front of real people.
+    raise PermanentError(f"spaces: no personal space among {len(spaces)}", stage="spaces")
 
 
 def _space_type(metadata: Any) -> str | None:
-    if isinstance(metadata, str):
+    if isinstance(metadata, str):  # older rows hold the jsonb as a JSON string
         try:
             metadata = json.loads(metadata)
         except ValueError:
             return None
     return metadata.get("type") if isinstance(metadata, dict) else None
+
+
+__all__ = ["AuthClient", "Login", "LoginLimiter", "ManaError", "Space", "WaitHook", "is_wrong_password"]

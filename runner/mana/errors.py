@@ -100,7 +100,8 @@ def error_from_response(response: httpx.Response, stage: str) -> ApiError:
     except ValueError:
         body = None
     if isinstance(body, dict):
-        code = str(body.get("error", ""))
+        # Mana's envelope names the code `error`; Better Auth's own routes name it `code`.
+        code = str(body.get("error") or body.get("code") or "")
         message = str(body.get("message", ""))[:200]
         if retry_after is None and isinstance(body.get("retryAfterSec"), (int, float)):
             retry_after = float(body["retryAfterSec"])

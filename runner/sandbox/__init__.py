@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from runner.persona import DEV_SEED_SECRET
-from runner.sandbox.auth import AuthService
+from runner.sandbox.auth import AuthService, SignInLimit
 from runner.sandbox.control import control_mount, validate_persona_spec
 from runner.sandbox.mcp_server import (
     McpOptions,
@@ -55,6 +55,9 @@ class SandboxConfig:
     policy_mode: PolicyMode = "log-only"  # POLICY_MODE of services/mana-mcp, same default
     failing_tools: frozenset[str] = frozenset()  # fail in the handler on every call
     session_jwt: SessionJwt = "opening"  # handlers use the JWT that opened the session, as the real gateway
+    # The real space list refuses Bearer today; True models a future Mana that takes it.
+    spaces_accept_bearer: bool = False
+    signin_limit: SignInLimit = field(default_factory=SignInLimit)
 
 
 class _Server(uvicorn.Server):
@@ -91,7 +94,15 @@ class Sandbox:
         store = self._store = Store(cfg.db_path)
         clock, faults = Clock(), Faults()
         seed_catalog(store, cfg.personas_file, clock)
-        auth = AuthService(store, clock, faults, cfg.seed_secret, cfg.jwt_ttl_s)
+        auth = AuthService(
+            store,
+            clock,
+            faults,
+            cfg.seed_secret,
+            cfg.jwt_ttl_s,
+            spaces_accept_bearer=cfg.spaces_accept_bearer,
+            signin_limit=cfg.signin_limit,
+        )
         personas = PersonasApi(store, clock, faults, cfg.service_key)
         auth_app = auth.app([personas.mount(LEGACY_BASE_PATH)])
         options = McpOptions(cfg.mcp_surface, cfg.policy_mode, frozenset(cfg.failing_tools), cfg.session_jwt)
@@ -100,6 +111,7 @@ class Sandbox:
         mcp_app = build_mcp_app(store, clock, faults, auth, cfg.host, mcp)
         try:
             self.auth_url = await self._serve(auth_app, cfg.auth_port)
+            auth.issuer = self.auth_url  # the JWT's `iss` is mana-auth's base URL
             self.api_url = await self._serve(api_app, cfg.api_port)
             self.mcp_url = await self._serve(mcp_app, cfg.mcp_port)
         except BaseException:
@@ -147,4 +159,4 @@ class Sandbox:
             self._store = None
 
 
-__all__ = ["Sandbox", "SandboxConfig"]
+__all__ = ["Sandbox", "SandboxConfig", "SignInLimit"]

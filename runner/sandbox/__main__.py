@@ -14,9 +14,10 @@ import signal
 import sys
 
 from runner.persona import DEV_SEED_SECRET
-from runner.sandbox import Sandbox, SandboxConfig
+from runner.sandbox import Sandbox, SandboxConfig, SignInLimit
 from runner.sandbox.mana_tools import load_tools
 from runner.sandbox.mcp_server import POLICY_MODES, SURFACES
+from runner.settings import parse_rate
 
 
 def _parse(argv: list[str] | None) -> SandboxConfig:
@@ -37,6 +38,18 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
     )
     parser.add_argument("--policy-mode", choices=POLICY_MODES, default=os.environ.get("POLICY_MODE") or "log-only")
     parser.add_argument("--failing-tools", default="", help="comma-separated tool names whose handler always fails")
+    parser.add_argument(
+        "--spaces-accept-bearer",
+        action="store_true",
+        help="let the space list take Bearer JWTs (a future Mana); by default only the session cookie, as today",
+    )
+    parser.add_argument(
+        "--signin-rate-limit",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Better Auth's sign-in limit: auto = only requests with X-Forwarded-For (production behind a proxy)",
+    )
+    parser.add_argument("--signin-rate", default="3/10s", help="sign-ins per window and client IP, e.g. 3/10s")
     args = parser.parse_args(argv)
     failing = frozenset(t.strip() for t in args.failing_tools.split(",") if t.strip())
     known = {t["name"] for t in load_tools()[0]}
@@ -44,6 +57,10 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
         parser.error(f"--failing-tools: unknown tool(s): {', '.join(unknown)}")
     if args.policy_mode not in POLICY_MODES:
         parser.error("POLICY_MODE must be off|log-only|enforce")
+    try:
+        count, window = parse_rate(args.signin_rate)
+    except ValueError as exc:
+        parser.error(f"--signin-rate: {exc}")
     return SandboxConfig(
         db_path=args.db,
         seed_secret=args.seed_secret,
@@ -56,6 +73,8 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
         mcp_surface=args.mcp_surface,
         policy_mode=args.policy_mode,
         failing_tools=failing,
+        spaces_accept_bearer=args.spaces_accept_bearer,
+        signin_limit=SignInLimit(args.signin_rate_limit, count, window),
     )
 
 

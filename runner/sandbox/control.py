@@ -99,7 +99,8 @@ def control_mount(store: Store, auth: AuthService, mcp: McpState) -> Mount:
         return JSONResponse(rows)
 
     async def logins(request: Request) -> Response:
-        return JSONResponse(store.query("SELECT email, outcome, at FROM logins ORDER BY seq"))
+        rows = store.query("SELECT email, outcome, at, route, real_at AS realAt FROM logins ORDER BY seq")
+        return JSONResponse(rows)
 
     async def personas(request: Request) -> Response:
         rows = []

@@ -7,8 +7,11 @@ event loop, and a single writer is the simplest way to be correct under concurre
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
+import string
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +42,8 @@ CREATE TABLE IF NOT EXISTS mcp_calls (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, space_id TEXT NOT NULL,
     tool TEXT NOT NULL, arguments TEXT NOT NULL, is_error INTEGER NOT NULL, error_text TEXT, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS logins (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT, outcome TEXT NOT NULL, at TEXT NOT NULL);
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT, outcome TEXT NOT NULL, at TEXT NOT NULL,
+    route TEXT NOT NULL DEFAULT 'login', real_at REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tool_records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL, id TEXT NOT NULL,
     user_id TEXT NOT NULL, space_id TEXT NOT NULL, data TEXT NOT NULL, UNIQUE (collection, id));
@@ -68,6 +72,14 @@ def new_id(prefix: str = "") -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}" if prefix else str(uuid.uuid4())
 
 
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_opaque_id() -> str:
+    """An id as Better Auth makes them for users, spaces and sessions: 32 letters and digits, not a UUID."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(32))
+
+
 class Clock:
     """Wall clock unless a test froze it (POST /__sandbox/clock)."""
 
@@ -86,7 +98,7 @@ class Fault:
     code: str | None = None
 
 
-FAULT_ROUTES = ("due", "actions", "feedback", "login", "refresh", "organizations", "mcp")
+FAULT_ROUTES = ("due", "actions", "feedback", "login", "signin", "refresh", "organizations", "mcp")
 
 _CODES = {
     400: "VALIDATION",
@@ -137,6 +149,12 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        # A sandbox file from before logins said which route and when (real time): add the columns.
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(logins)")}
+        if "route" not in columns:
+            self._db.execute("ALTER TABLE logins ADD COLUMN route TEXT NOT NULL DEFAULT 'login'")
+        if "real_at" not in columns:
+            self._db.execute("ALTER TABLE logins ADD COLUMN real_at REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -176,7 +194,7 @@ class Store:
         name = str(spec["name"])
         email = f"persona.{name}@mana.test"
         options = {k: bool(v) for k, v in (spec.get("options") or {}).items() if k in PERSONA_OPTIONS}
-        user_id = new_id()
+        user_id = new_opaque_id()
         with self.transaction() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM personas").fetchone()[0]
             db.execute(
@@ -209,7 +227,7 @@ class Store:
             for position, (kind, space_name, slug) in enumerate(spaces):
                 db.execute(
                     "INSERT INTO spaces (id, user_id, position, name, slug, type) VALUES (?,?,?,?,?,?)",
-                    (new_id(), user_id, position, space_name, slug, kind),
+                    (new_opaque_id(), user_id, position, space_name, slug, kind),
                 )
         return {"userId": user_id, "email": email}
 
@@ -226,8 +244,12 @@ class Store:
         secret = persona["password_secret"] or seed_secret
         return derive_password(secret, persona["email"]) == password
 
-    def record_login(self, email: str | None, outcome: str, now: datetime) -> None:
-        self.execute("INSERT INTO logins (email, outcome, at) VALUES (?,?,?)", (email, outcome, iso(now)))
+    def record_login(self, email: str | None, outcome: str, now: datetime, route: str = "login") -> None:
+        """Every sign-in attempt, on either route; `real_at` is wall time (the clock may be frozen)."""
+        self.execute(
+            "INSERT INTO logins (email, outcome, at, route, real_at) VALUES (?,?,?,?,?)",
+            (email, outcome, iso(now), route, time.time()),
+        )
 
     # --- what the MCP tools stored (mana-sync's rows, as the registry's handlers see them) --------
 

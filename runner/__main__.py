@@ -1,7 +1,9 @@
-"""Command line: serve (default) | once | demo | login EMAIL | password EMAIL | sandbox.
+"""Command line: serve (default) | once | demo | login EMAIL | password EMAIL | outbox [--retry] | sandbox.
 
 Exit codes: 0 done, 1 the run could not be made (Mana unreachable, login refused),
-2 bad configuration or usage. Errors are one line on stderr, never a traceback.
+2 bad configuration or usage, including a journal that cannot be used (corrupt, not a
+journal, unwritable, or owned by another running process). Errors are one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import log
+from runner.journal import JournalError
 from runner.mana.errors import ManaError
 from runner.persona import DEV_SEED_SECRET, derive_password
 from runner.settings import Settings, SettingsError, load_settings
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     login.add_argument("email")
     password = sub.add_parser("password", help="print the derived password for EMAIL")
     password.add_argument("email")
+    outbox = sub.add_parser("outbox", help="batches by delivery state; --retry re-sends refused and parked ones")
+    outbox.add_argument("--retry", action="store_true", help="put refused and parked batches back in the queue")
     sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
     args, rest = parser.parse_known_args(argv)
     command = args.command or "serve"
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_login(settings, args.email))
     if command == "once":
         return _run(_once(settings))
+    if command == "outbox":
+        return _run(_outbox(settings, retry=args.retry))
     return _run(_serve(settings))
 
 
@@ -66,6 +73,9 @@ def _run(coro: Any) -> int:
         return int(asyncio.run(coro))
     except KeyboardInterrupt:
         return 130
+    except JournalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ManaError, _Fatal) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -96,6 +106,32 @@ async def _once(settings: Settings) -> int:
             raise _Fatal(f"cannot poll the personas API: {exc}") from None
     if report.backlog:
         log.get_logger().warning("rows not yet accepted stay in the journal", batches=report.backlog)
+    return 0
+
+
+async def _outbox(settings: Settings, *, retry: bool) -> int:
+    """The operator's view of delivery, and the re-drive of what the API refused or kept failing.
+
+    It does not own the journal (no lock): it reads counts and flips batch states in one short
+    transaction each, which is safe beside a running daemon; the owner sends the re-queued
+    batches at its next sweep (the daemon within one poll interval, or the next `once`).
+    """
+    from runner.journal import Journal
+
+    journal = await Journal.open(settings.runner_state_path, own=False)
+    try:
+        if retry:
+            requeued = await journal.requeue()
+            print(f"re-queued {requeued} batches; the runner sends them at its next sweep")
+        counts = await journal.batch_counts()
+        print(" ".join(f"{state}={n}" for state, n in counts.items()))
+        for batch in await journal.problem_batches():
+            print(
+                f"  batch {batch.id} {batch.state} {batch.kind} rows={batch.rows} attempts={batch.attempts} "
+                f"tick={batch.tick_id}: {batch.last_error or ''}"
+            )
+    finally:
+        await journal.close()
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.cookiejar
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -22,8 +23,8 @@ from runner.journal import Journal
 from runner.log import get_logger
 from runner.mana.auth import AuthClient
 from runner.mana.errors import ManaError, RetryPolicy
-from runner.mana.personas_api import PersonasApi
-from runner.outbox import Outbox
+from runner.mana.personas_api import DueLimits, PersonasApi
+from runner.outbox import Outbox, OutboxPolicy
 from runner.persona import DuePersona, tick_id, tick_window
 from runner.settings import Settings
 from runner.tick import ProviderFactory, TickConfig, TickDeps, run_tick
@@ -49,10 +50,12 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     journal = await Journal.open(settings.runner_state_path)
     policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
     timeout = httpx.Timeout(30.0, connect=10.0)
+    # mana-auth's Set-Cookie is a session credential: never keep it, so it is never sent (or echoed) back.
+    no_cookies = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     anthropic: AsyncAnthropic | None = None
     try:
         async with (
-            httpx.AsyncClient(timeout=timeout) as auth_http,
+            httpx.AsyncClient(timeout=timeout, cookies=no_cookies) as auth_http,
             httpx.AsyncClient(timeout=timeout) as api_http,
         ):
             auth = AuthClient(auth_http, settings.mana_auth_url, policy)
@@ -62,6 +65,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 settings.mana_service_key.get_secret_value(),
                 policy,
                 settings.mana_personas_path,
+                DueLimits(settings.due_max_bytes, settings.due_max_rows, settings.persona_prompt_max_chars),
             )
             make_provider: ProviderFactory
             if settings.llm_provider == "scripted":
@@ -88,7 +92,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 language=settings.persona_language,
             )
             deps = TickDeps(config=config, auth=auth, journal=journal, make_provider=make_provider)
-            yield Runtime(settings, journal, api, Outbox(journal, api), deps)
+            outbox_policy = OutboxPolicy(
+                retry_base_s=settings.outbox_retry_base_s,
+                retry_max_s=settings.outbox_retry_max_s,
+                park_after=settings.outbox_park_after,
+                parked_retry_s=settings.outbox_parked_retry_s,
+            )
+            yield Runtime(settings, journal, api, Outbox(journal, api, outbox_policy), deps)
     finally:
         if anthropic is not None:
             await anthropic.close()
@@ -137,8 +147,11 @@ class Dispatcher:
             metrics.POLLS.labels(result="error").inc()
             raise PollError(str(exc)) from exc
         metrics.POLLS.labels(result="ok").inc()
-        for reason in due.skipped:
-            log.warning("due row skipped", reason=reason)
+        for warning in due.warnings:
+            log.warning("due answer", problem=warning)
+        if due.skipped:
+            # One line per poll, not one per row: 10,000 bad rows must not become 10,000 lines.
+            log.warning("due rows skipped", count=len(due.skipped), first=due.skipped[:5])
         started = 0
         for persona in due.personas:
             if persona.user_id in self._in_flight:
@@ -247,10 +260,12 @@ async def serve(runtime: Runtime) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # No configuration reload exists; a HUP (a closed terminal, a supervisor's habit) drains like TERM.
+    loop.add_signal_handler(signal.SIGHUP, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, dispatcher.set_paused, True)
     loop.add_signal_handler(signal.SIGUSR2, dispatcher.set_paused, False)
 
-    http = await start_http(runtime, dispatcher)
+    http = await start_http(runtime, dispatcher, settings.http_host)
     scheduler = AsyncIOScheduler(timezone=UTC)
     # max_instances=1: a slow poll is skipped over, never overlapped; coalesce: no catch-up bursts.
     scheduler.add_job(

@@ -100,6 +100,8 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         # Only a tick that has not touched Mana yet may run again: a replayed day would double its content.
         if may_pass and progress.play.calls == 0 and claim.attempt < deps.config.max_attempts:
             retry_in = deps.config.retry_base_s * 2 ** (claim.attempt - 1)
+            if isinstance(exc, ApiError) and exc.retry_after is not None:
+                retry_in = max(retry_in, exc.retry_after)  # a 429's Retry-After: come back no sooner
             await deps.journal.defer(claim.tick_id, reason, time.time() + retry_in, time.time())
             log.warning("tick deferred", error=reason, attempt=claim.attempt, retry_in_s=retry_in)
             return _finish("deferred", started)

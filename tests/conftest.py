@@ -72,6 +72,8 @@ class Mana:
             runner_state_path=tmp_path / "runner.db",
             mana_retry_base_s=0.01,
             persona_retry_base_s=0.05,
+            # A failed batch is due again at once: these tests re-run `once` right after a failure.
+            outbox_retry_base_s=0,
             log_format="json",
         )
         values.update(overrides)

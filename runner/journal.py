@@ -369,9 +369,15 @@ class Journal:
                     )
                 )
 
-    async def login_block(self, persona_id: str, secret_fingerprint: str) -> str | None:
-        """The reason this persona's login is not to be tried with this secret, if any."""
-        return await self._login_block(login_blocks.c.persona_id == persona_id, secret_fingerprint)
+    async def login_block(self, persona_id: str, secret_fingerprint: str, email: str | None = None) -> str | None:
+        """The reason this persona's login is not to be tried with this secret, if any.
+
+        With `email`, a block /diag/login recorded for that address counts too.
+        """
+        who = login_blocks.c.persona_id == persona_id
+        if email is not None:
+            who = sa.or_(who, login_blocks.c.email == email, login_blocks.c.persona_id == email)
+        return await self._login_block(who, secret_fingerprint)
 
     async def login_block_for_email(self, email: str, secret_fingerprint: str) -> str | None:
         """The same rule keyed by email, for /diag/login (which has no user id before a login)."""

@@ -20,7 +20,7 @@ from runner import metrics
 from runner.agent.providers.anthropic import AnthropicProvider
 from runner.agent.providers.scripted import ScriptedProvider
 from runner.journal import Journal
-from runner.log import get_logger
+from runner.log import get_logger, register_secret
 from runner.mana.auth import AuthClient
 from runner.mana.errors import ManaError, RetryPolicy
 from runner.mana.personas_api import DueLimits, PersonasApi
@@ -47,6 +47,9 @@ class Runtime:
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """Every long-lived resource, opened once and closed in reverse order."""
+    # Whoever builds a runtime gets redaction of its secrets in everything it logs, stores or serves.
+    for secret in settings.secrets():
+        register_secret(secret)
     journal = await Journal.open(settings.runner_state_path)
     policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
     timeout = httpx.Timeout(30.0, connect=10.0)

@@ -114,7 +114,7 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
 async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress: _Progress) -> list[str]:
     """The persona's day; returns the modules it used (empty for a quiet day)."""
     config = deps.config
-    blocked = await deps.journal.login_block(persona.user_id, config.secret_fingerprint)
+    blocked = await deps.journal.login_block(persona.user_id, config.secret_fingerprint, persona.email)
     if blocked:
         raise PermanentError(f"login: not attempted, refused before with this seed secret ({blocked})", stage="login")
     password = derive_password(config.seed_secret, persona.email)
@@ -123,7 +123,9 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         login = await deps.auth.login(persona.email, password)
     except ApiError as exc:
         if exc.code == "INVALID_CREDENTIALS":
-            await deps.journal.block_login(persona.user_id, config.secret_fingerprint, str(exc), time.time())
+            await deps.journal.block_login(
+                persona.user_id, config.secret_fingerprint, str(exc), time.time(), email=persona.email
+            )
         raise
     _stage(progress, "spaces")
     space_id = await deps.auth.personal_space(login.access_token)

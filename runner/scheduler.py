@@ -177,6 +177,10 @@ class Dispatcher:
             await self.poll()
         except PollError as exc:
             log.error("poll failed", error=str(exc))
+        except asyncio.CancelledError:
+            # The scheduler's shutdown cancels a poll in progress (SIGTERM/SIGHUP): every journal write
+            # is one transaction, so nothing is half done; say so instead of a traceback, and end quietly.
+            log.info("poll cut by shutdown")
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one poll
             metrics.ERRORS.labels(stage="poll").inc()
             log.exception("poll crashed", error=str(exc))

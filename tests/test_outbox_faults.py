@@ -94,6 +94,9 @@ async def test_a_batch_failing_forever_blocks_no_other_persona_is_parked_and_lan
             assert proxy.answered == posts
         landed = {a["personaId"] for a in await mana.get("actions")}
         assert landed == {p["userId"] for p in people} - {poison}
+        print(
+            f"\nmeasured: poison batch refused {sum(proxy.answered.values())} times; {len(landed)} personas delivered"
+        )
         await _rows_match_calls(mana)
 
         proxy.rule = lambda m, path, _: None  # the API is fixed
@@ -137,6 +140,10 @@ async def test_an_ingress_outage_answering_404_413_400_loses_no_row(mana: Mana, 
         async with open_runtime(settings) as runtime:
             second = await run_once(runtime)
         assert second.backlog == 0 and second.ticks == []
+        print(
+            f"\nmeasured: ingress outage answered {sum(proxy.answered.values())} row posts, "
+            f"{first.backlog} batches held"
+        )
     await _rows_match_calls(mana)
     assert {a["personaId"] for a in await mana.get("actions")} == {p["userId"] for p in await mana.get("personas")}
 

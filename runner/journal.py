@@ -547,17 +547,24 @@ class Journal:
 
     async def fail_batch(
         self, batch_id: int, error: str, now: float, schedule: Callable[[int], tuple[BatchState, float]]
-    ) -> tuple[int, BatchState, float]:
-        """Count a failed attempt and set the batch's own next attempt from `schedule(attempts)`."""
+    ) -> tuple[int, BatchState, float, bool]:
+        """Count a failed attempt and set the batch's own next attempt from `schedule(attempts)`.
+
+        Returns the attempts, the new state and time, and whether the batch has just been parked.
+        """
         async with self._write() as conn:
-            attempts = 1 + int(await conn.scalar(sa.select(batches.c.attempts).where(batches.c.id == batch_id)) or 0)
+            before = (
+                await conn.execute(sa.select(batches.c.attempts, batches.c.state).where(batches.c.id == batch_id))
+            ).first()
+            attempts = 1 + int(before.attempts if before else 0)
             state, at = schedule(attempts)
+            newly_parked = state == "parked" and (before is None or before.state != "parked")
             await conn.execute(
                 batches.update()
                 .where(batches.c.id == batch_id)
                 .values(state=state, attempts=attempts, last_error=clean_text(error, 500), next_attempt_at=at)
             )
-            return attempts, state, at
+            return attempts, state, at, newly_parked
 
     async def requeue(self, states: tuple[str, ...] = ("refused", "parked")) -> int:
         """Operator's re-drive: these batches go back to pending, due now, with a fresh count."""

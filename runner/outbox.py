@@ -144,11 +144,11 @@ class Outbox:
     async def _failed(self, batch: Batch, exc: Exception) -> None:
         metrics.ERRORS.labels(stage="deliver").inc()
         now = time.time()
-        attempts, state, at = await self._journal.fail_batch(
+        attempts, state, at, newly_parked = await self._journal.fail_batch(
             batch.id, str(exc), now, lambda n: self._policy.next_attempt(n, now)
         )
         if state == "parked":
-            if attempts == self._policy.park_after:
+            if newly_parked:
                 metrics.BATCHES_PARKED.labels(kind=batch.kind).inc()
             log.error(
                 "batch parked: it keeps failing; retried every parked interval, never dropped",

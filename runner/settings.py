@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -87,6 +89,17 @@ class Settings(BaseSettings):
         if url.port is not None and not 0 < url.port <= 65535:
             raise ValueError("port must be between 1 and 65535")
         return value.rstrip("/")
+
+    @field_validator("http_host")
+    @classmethod
+    def _bind_address(cls, value: str) -> str:
+        # An IP literal or a host name; anything else would only fail later, at bind time.
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
+                raise ValueError("must be an IP address or a host name") from None
+        return value
 
     @field_validator("mana_service_key", "anthropic_api_key")
     @classmethod

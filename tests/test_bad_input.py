@@ -76,6 +76,8 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
         ("PERSONA_SEED_SECRET", "", "must not be empty"),
         ("DUE_MAX_BYTES", "12", "DUE_MAX_BYTES"),
         ("OUTBOX_PARK_AFTER", "0", "OUTBOX_PARK_AFTER"),
+        ("HTTP_HOST", "not a host", "IP address or a host name"),
+        ("HTTP_HOST", "::", None),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2(variable: str, value: str, says: str | None, tmp_path: Path) -> None:

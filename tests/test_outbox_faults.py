@@ -76,22 +76,29 @@ async def test_a_batch_failing_forever_blocks_no_other_persona_is_parked_and_lan
         proxy.rule = lambda m, path, _: (
             JSONResponse({"error": "Internal Server Error"}, 500) if _is_row_post(m, path) and poison in path else None
         )
-        settings = mana.settings(
-            tmp_path, mana_api_url=proxy.url, mana_retry_attempts=1, outbox_park_after=2, outbox_parked_retry_s=3600
-        )
+        # Due again at once and never parked: only the outbox's per-batch walk keeps the others going.
+        settings = mana.settings(tmp_path, mana_api_url=proxy.url, mana_retry_attempts=1, outbox_park_after=1000)
         await _seal_first(settings, poison)
-        parked_before = _metric("persona_batches_parked_total", kind="actions")
         async with open_runtime(settings) as runtime:
             report = await run_once(runtime)
             assert report.backlog == 1  # only the poison batch is left
             counts = await runtime.journal.batch_counts()
-            assert counts["parked"] == 1 and counts["refused"] == 0
+            assert counts["pending"] == 1 and counts["parked"] == 0 and counts["refused"] == 0
+        # It keeps failing: parked after OUTBOX_PARK_AFTER attempts, then left to the slow schedule.
+        settings = mana.settings(
+            tmp_path, mana_api_url=proxy.url, mana_retry_attempts=1, outbox_park_after=2, outbox_parked_retry_s=3600
+        )
+        parked_before = _metric("persona_batches_parked_total", kind="actions")
+        async with open_runtime(settings) as runtime:
+            for _ in range(2):
+                assert await runtime.outbox.deliver() == 1
+            counts = await runtime.journal.batch_counts()
+            assert counts["parked"] == 1 and counts["pending"] == 0
             assert _metric("persona_outbox_batches", state="parked") == 1
             assert _metric("persona_batches_parked_total", kind="actions") == parked_before + 1
-            # Parked means the slow schedule: another sweep now does not touch it.
             posts = proxy.answered.copy()
             assert await runtime.outbox.deliver() == 1
-            assert proxy.answered == posts
+            assert proxy.answered == posts  # parked: another sweep now does not touch it
         landed = {a["personaId"] for a in await mana.get("actions")}
         assert landed == {p["userId"] for p in people} - {poison}
         print(

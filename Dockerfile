@@ -20,6 +20,9 @@ RUN useradd --system --uid 10001 --home-dir /app runner \
     && mkdir -p /data && chown runner /data
 USER runner
 VOLUME ["/data"]
+# The runner binds loopback by default; in a container the network namespace is the boundary,
+# and probes and Prometheus come from outside it, so listen on all of the container's interfaces.
+ENV HTTP_HOST=0.0.0.0
 EXPOSE 3070
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \

@@ -1,7 +1,10 @@
-"""Command line: serve (default) | once | demo | login EMAIL | tools EMAIL | password EMAIL | sandbox.
+"""Command line: serve (default) | once | demo | login EMAIL | tools EMAIL | password EMAIL | outbox [--retry]
+| sandbox.
 
 Exit codes: 0 done, 1 the run could not be made (Mana unreachable, login refused),
-2 bad configuration or usage. Errors are one line on stderr, never a traceback.
+2 bad configuration or usage, including a journal that cannot be used (corrupt, not a
+journal, unwritable, or owned by another running process). Errors are one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -11,15 +14,21 @@ import asyncio
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner import log
+from runner.journal import Journal, JournalError
 from runner.mana.errors import ManaError
 from runner.persona import DEV_SEED_SECRET, derive_password
 from runner.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from runner.mana.auth import AuthClient
+    from runner.tick import TickConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     tools.add_argument("email")
     password = sub.add_parser("password", help="print the derived password for EMAIL")
     password.add_argument("email")
+    outbox = sub.add_parser("outbox", help="batches by delivery state; --retry re-sends refused and parked ones")
+    outbox.add_argument("--retry", action="store_true", help="put refused and parked batches back in the queue")
     sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
     args, rest = parser.parse_known_args(argv)
     command = args.command or "serve"
@@ -63,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_tools(settings, args.email))
     if command == "once":
         return _run(_once(settings))
+    if command == "outbox":
+        return _run(_outbox(settings, retry=args.retry))
     return _run(_serve(settings))
 
 
@@ -71,6 +84,9 @@ def _run(coro: Any) -> int:
         return int(asyncio.run(coro))
     except KeyboardInterrupt:
         return 130
+    except JournalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ManaError, _Fatal) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -104,19 +120,61 @@ async def _once(settings: Settings) -> int:
     return 0
 
 
-async def _login(settings: Settings, email: str) -> int:
+async def _outbox(settings: Settings, *, retry: bool) -> int:
+    """The operator's view of delivery, and the re-drive of what the API refused or kept failing.
+
+    It does not own the journal (no lock): it reads counts and flips batch states in one short
+    transaction each, which is safe beside a running daemon; the owner sends the re-queued
+    batches at its next sweep (the daemon within one poll interval, or the next `once`).
+    """
+    from runner.journal import Journal
+
+    journal = await Journal.open(settings.runner_state_path, own=False)
+    try:
+        if retry:
+            requeued = await journal.requeue()
+            print(f"re-queued {requeued} batches; the runner sends them at its next sweep")
+        counts = await journal.batch_counts()
+        print(" ".join(f"{state}={n}" for state, n in counts.items()))
+        for batch in await journal.problem_batches():
+            print(
+                f"  batch {batch.id} {batch.state} {batch.kind} rows={batch.rows} attempts={batch.attempts} "
+                f"tick={batch.tick_id}: {batch.last_error or ''}"
+            )
+    finally:
+        await journal.close()
+    return 0
+
+
+@asynccontextmanager
+async def _as_persona(settings: Settings) -> AsyncIterator[tuple[TickConfig, AuthClient, Journal]]:
+    """What the persona commands need: the tick's rules, mana-auth, and the journal's login blocks.
+
+    The journal is opened without owning it (it may belong to a running daemon): these
+    commands only read the login blocks and record a refused password, so a persona refused
+    before is never tried again (Mana's lockout).
+    """
     import httpx
 
     from runner.mana.auth import AuthClient, LoginLimiter
     from runner.mana.errors import RetryPolicy
+    from runner.scheduler import tick_config
 
-    password = derive_password(settings.persona_seed_secret.get_secret_value(), email)
-    log.register_secret(password)
-    async with httpx.AsyncClient(timeout=30) as http:
-        policy = RetryPolicy(attempts=settings.mana_retry_attempts)
-        auth = AuthClient(http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
-        login = await auth.login(email, password)
-        space = await auth.personal_space(login, email, password)
+    journal = await Journal.open(settings.runner_state_path, own=False)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            policy = RetryPolicy(attempts=settings.mana_retry_attempts)
+            auth = AuthClient(http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
+            yield tick_config(settings), auth, journal
+    finally:
+        await journal.close()
+
+
+async def _login(settings: Settings, email: str) -> int:
+    from runner.tick import sign_in
+
+    async with _as_persona(settings) as (config, auth, journal):
+        login, space = await sign_in(config, auth, journal, email)
     # How the space was found tells the operator whether the space list takes Bearer on this Mana.
     print(f"ok: {email} is user {login.user_id}, personal space {space.id} (space list via {space.via})")
     return 0
@@ -124,34 +182,10 @@ async def _login(settings: Settings, email: str) -> int:
 
 async def _tools(settings: Settings, email: str) -> int:
     """Log in as EMAIL (unless its password was refused before), open MCP, print each tool's decision."""
-    import httpx
+    from runner.tick import served_tools
 
-    from runner.journal import Journal
-    from runner.mana.auth import AuthClient
-    from runner.mana.errors import RetryPolicy
-    from runner.tick import TickConfig, served_tools
-
-    config = TickConfig(
-        seed_secret=settings.persona_seed_secret.get_secret_value(),
-        mcp_url=settings.mana_mcp_url,
-        max_turns=settings.persona_max_turns,
-        timeout_s=settings.persona_tick_timeout_s,
-        max_attempts=settings.persona_max_attempts,
-        retry_base_s=settings.persona_retry_base_s,
-        language=settings.persona_language,
-        policy=settings.tool_policy,
-    )
-    # The journal holds the login blocks: a persona refused before is not tried (lockout).
-    try:
-        journal = await Journal.open(settings.runner_state_path)
-    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
-        raise _Fatal(f"cannot open the journal {settings.runner_state_path}: {type(exc).__name__}") from None
-    try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            auth = AuthClient(http, settings.mana_auth_url, RetryPolicy(attempts=settings.mana_retry_attempts))
-            decisions = await served_tools(config, auth, journal, email)
-    finally:
-        await journal.close()
+    async with _as_persona(settings) as (config, auth, journal):
+        decisions = await served_tools(config, auth, journal, email)
     offered = sum(1 for d in decisions if d.offered)
     rows = [(d.name, "offered" if d.offered else "withheld", d.rule, d.reason.split(": ", 1)[-1]) for d in decisions]
     print(_render(("tool", "decision", "rule", "reason"), rows))

@@ -10,14 +10,22 @@ takes them, so the API's row ids ("{tickId}-{index}-{tool}") come out the same o
 retry and nothing is doubled.
 
 SQLAlchemy Core keeps the SQL portable; SQLite (WAL, synchronous=FULL) is the default.
+
+One process owns a journal: `open` takes an exclusive OS lock (flock on `<journal>.lock`) for
+the life of the process. A second runner's start-up recovery would otherwise seal the first
+one's running ticks, and their later calls would never reach a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import json
+import os
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +34,18 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from runner.persona import TICK_ROW, ActionRow, FeedbackRow
+from runner.persona import TICK_ROW, ActionRow, FeedbackRow, clean_text
 
 ACTIONS_PER_BATCH = 500
 FEEDBACK_PER_BATCH = 100
+# Rows deleted per prune transaction: SQLite caps bound variables (32766), and a short
+# transaction does not hold the write lock against running ticks for long.
+PRUNE_CHUNK = 500
+# Batch states. `pending` waits for its next attempt; `parked` kept failing and is retried on
+# the slow schedule; `refused` is the API's own final no to this batch (kept, re-drivable with
+# `python -m runner outbox --retry`); `delivered` is done. `dead` is the pre-0.2 name of refused.
+BatchState = Literal["pending", "parked", "refused", "delivered"]
+UNSENT: tuple[BatchState, ...] = ("pending", "parked")
 
 _meta = sa.MetaData()
 ticks = sa.Table(
@@ -75,6 +91,8 @@ login_blocks = sa.Table(
     sa.Column("secret_fingerprint", sa.String(32), primary_key=True),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # /diag/login knows only an email; it must see (and record) the same blocks as ticks.
+    sa.Column("email", sa.String(320)),
 )
 # A persona's personal space id never changes (contract §3): remembering it saves the space
 # lookup, which on the real mana-auth costs a second, rate-limited sign-in per tick.
@@ -104,12 +122,98 @@ batches = sa.Table(
     sa.Column("kind", sa.String(16), nullable=False),  # actions | feedback
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("rows", sa.Integer, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),  # pending | delivered | dead
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # see BatchState
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("last_error", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("delivered_at", sa.Float),
+    # Per-batch backoff: a failing batch waits on its own, the others go on.
+    sa.Column("next_attempt_at", sa.Float),
 )
+
+# STOPGAP until versioned migrations exist: columns added after the first release, with the
+# SQLite type to ADD when an older journal lacks them. Idempotent; run at every open.
+_ADDED_COLUMNS: dict[tuple[str, str], str] = {
+    ("batches", "next_attempt_at"): "FLOAT",
+    ("login_blocks", "email"): "VARCHAR(320)",
+}
+_OWN_TABLES = frozenset(_meta.tables) | {"ready_probe"}
+
+
+class JournalError(Exception):
+    """The journal cannot be used; the message is one line naming the file and the problem."""
+
+
+class _OwnerLock:
+    """An exclusive flock on `<journal>.lock`, held while the file descriptor is open.
+
+    fcntl.flock rather than the filelock package: the kernel drops the lock when the process
+    dies, however it dies (SIGKILL included), so there is never a stale lock to clean up, and
+    it needs no dependency. POSIX only, like the runner's signals. Local disks only (flock on
+    NFS is not reliable), as the README already asks of the journal.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, journal: Path) -> _OwnerLock:
+        lock_path = journal.with_name(journal.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JournalError(f"journal {journal}: cannot create its lock file: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise JournalError(
+                    f"journal {journal}: in use by another runner process (pid {owner}); one process per journal"
+                ) from None
+            raise JournalError(f"journal {journal}: cannot lock: {exc.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def _db_problem(exc: BaseException) -> str:
+    """SQLite's own words for what is wrong with the file, on one line."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return text[0][:200] if text else type(orig).__name__
+
+
+def _check_and_upgrade(conn: sa.Connection) -> None:
+    """Refuse what is not a runner journal; create what is missing; add the stopgap columns."""
+    tables = set(sa.inspect(conn).get_table_names())
+    if tables and not tables & _OWN_TABLES:
+        foreign = ", ".join(sorted(tables)[:5])
+        raise JournalError(f"not a runner journal (it holds other tables: {foreign})")
+    for name in sorted(tables & set(_meta.tables)):
+        present = {c["name"] for c in sa.inspect(conn).get_columns(name)}
+        for column in _meta.tables[name].columns:
+            if column.name in present:
+                continue
+            if (name, column.name) not in _ADDED_COLUMNS:
+                raise JournalError(f"foreign schema: table {name} has no column {column.name}")
+            conn.exec_driver_sql(f'ALTER TABLE {name} ADD COLUMN "{column.name}" {_ADDED_COLUMNS[(name, column.name)]}')
+    _meta.create_all(conn)
+    if "batches" in tables:
+        conn.execute(batches.update().where(batches.c.state == "dead").values(state="refused"))
+    # Reads every page once: a truncated or damaged file is refused now, not mid-tick.
+    verdict = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
+    if verdict != "ok":
+        raise JournalError(f"corrupt: {str(verdict).splitlines()[0][:200]}")
+    # Opening a read-only file succeeds; only a write tells.
+    conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS ready_probe (at REAL)")
+    conn.exec_driver_sql("DELETE FROM ready_probe")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +240,23 @@ class TickSummary:
     ratings: list[tuple[str, int]]
 
 
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    """One batch as an operator sees it (`python -m runner outbox`)."""
+
+    id: int
+    tick_id: str
+    kind: str
+    state: str
+    rows: int
+    attempts: int
+    last_error: str | None
+
+
 class Journal:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, owner: _OwnerLock | None = None) -> None:
         self._engine = engine
+        self._owner = owner
         self._write_lock = asyncio.Lock()
 
     @asynccontextmanager
@@ -153,8 +271,22 @@ class Journal:
             yield conn
 
     @classmethod
-    async def open(cls, path: Path) -> Journal:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    async def open(cls, path: Path, *, own: bool = True) -> Journal:
+        """Open (or create) the journal; raises JournalError, one line, for any problem with it.
+
+        `own=False` is for the `outbox` maintenance command: it only reads counts and flips
+        batch states in single short transactions, which is safe beside a running owner.
+        """
+        where = f"journal {path}"
+        try:
+            if path.exists() and path.is_dir():
+                raise JournalError(f"{where}: is a directory")
+            if path.exists() and not path.is_file():
+                raise JournalError(f"{where}: not a regular file")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(f"{where}: {exc.strerror or exc}") from None
+        owner = _OwnerLock.acquire(path) if own else None
         engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
 
         @sa.event.listens_for(engine.sync_engine, "connect")
@@ -165,12 +297,24 @@ class Journal:
                 cursor.execute(f"PRAGMA {pragma}")
             cursor.close()
 
-        async with engine.begin() as conn:
-            await conn.run_sync(_meta.create_all)
-        return cls(engine)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(_check_and_upgrade)
+        except BaseException as exc:
+            await engine.dispose()
+            if owner is not None:
+                owner.release()
+            if isinstance(exc, JournalError):
+                raise JournalError(f"{where}: {exc}") from None
+            if isinstance(exc, (sa.exc.SQLAlchemyError, sqlite3.Error, OSError)):
+                raise JournalError(f"{where}: {_db_problem(exc)}") from None
+            raise
+        return cls(engine, owner)
 
     async def close(self) -> None:
         await self._engine.dispose()
+        if self._owner is not None:
+            self._owner.release()
 
     async def claim(
         self, persona_id: str, window: str, tick_id: str, now: float, retry_at_least: float | None = None
@@ -221,10 +365,12 @@ class Journal:
             await conn.execute(
                 ticks.update()
                 .where(ticks.c.tick_id == tick_id)
-                .values(state="retry", last_error=error[:500], next_attempt_at=retry_at, updated_at=now)
+                .values(state="retry", last_error=clean_text(error, 500), next_attempt_at=retry_at, updated_at=now)
             )
 
-    async def block_login(self, persona_id: str, secret_fingerprint: str, reason: str, now: float) -> None:
+    async def block_login(
+        self, persona_id: str, secret_fingerprint: str, reason: str, now: float, email: str | None = None
+    ) -> None:
         async with self._write() as conn:
             exists = await conn.scalar(
                 sa.select(sa.func.count())
@@ -236,18 +382,34 @@ class Journal:
                     login_blocks.insert().values(
                         persona_id=persona_id,
                         secret_fingerprint=secret_fingerprint,
-                        reason=reason[:500],
+                        reason=clean_text(reason, 500),
                         created_at=now,
+                        email=email,
                     )
                 )
 
-    async def login_block(self, persona_id: str, secret_fingerprint: str) -> str | None:
-        """The reason this persona's login is not to be tried with this secret, if any."""
+    async def login_block(self, persona_id: str, secret_fingerprint: str, email: str | None = None) -> str | None:
+        """The reason this persona's login is not to be tried with this secret, if any.
+
+        With `email`, a block /diag/login recorded for that address counts too.
+        """
+        who = login_blocks.c.persona_id == persona_id
+        if email is not None:
+            who = sa.or_(who, login_blocks.c.email == email, login_blocks.c.persona_id == email)
+        return await self._login_block(who, secret_fingerprint)
+
+    async def login_block_for_email(self, email: str, secret_fingerprint: str) -> str | None:
+        """The same rule keyed by email, for /diag/login (which has no user id before a login)."""
+        return await self._login_block(
+            sa.or_(login_blocks.c.email == email, login_blocks.c.persona_id == email), secret_fingerprint
+        )
+
+    async def _login_block(self, who: sa.ColumnElement[bool], secret_fingerprint: str) -> str | None:
         async with self._engine.connect() as conn:
             reason = await conn.scalar(
-                sa.select(login_blocks.c.reason).where(
-                    login_blocks.c.persona_id == persona_id, login_blocks.c.secret_fingerprint == secret_fingerprint
-                )
+                sa.select(login_blocks.c.reason)
+                .where(who, login_blocks.c.secret_fingerprint == secret_fingerprint)
+                .limit(1)
             )
             return str(reason) if reason is not None else None
 
@@ -295,7 +457,11 @@ class Journal:
         async with self._write() as conn:
             await conn.execute(
                 calls.insert().values(
-                    tick_id=tick_id, seq=seq, tool_name=tool_name, input_hash=input_hash, status="pending"
+                    tick_id=tick_id,
+                    seq=seq,
+                    tool_name=clean_text(tool_name, 255),
+                    input_hash=input_hash,
+                    status="pending",
                 )
             )
 
@@ -304,7 +470,11 @@ class Journal:
             await conn.execute(
                 calls.update()
                 .where(calls.c.tick_id == tick_id, calls.c.seq == seq)
-                .values(status="ok" if ok else "error", error_message=error_message, latency_ms=latency_ms)
+                .values(
+                    status="ok" if ok else "error",
+                    error_message=None if error_message is None else clean_text(error_message),
+                    latency_ms=latency_ms,
+                )
             )
 
     async def save_ratings(self, tick_id: str, rows: Iterable[FeedbackRow]) -> None:
@@ -384,18 +554,43 @@ class Journal:
                 await self._seal(conn, tick_id, "interrupted", row, now)
             return list(running)
 
-    async def pending_batches(self) -> list[Batch]:
+    async def due_batches(self, now: float, after_id: int = 0, limit: int = 50) -> list[Batch]:
+        """Unsent batches whose own next attempt is due, oldest first, past `after_id`.
+
+        A sweep walks forward by id, so each batch is tried at most once per sweep, and the
+        bodies in memory stay bounded by `limit`.
+        """
         async with self._engine.connect() as conn:
             rows = (
-                (await conn.execute(sa.select(batches).where(batches.c.state == "pending").order_by(batches.c.id)))
+                (
+                    await conn.execute(
+                        sa.select(batches)
+                        .where(
+                            batches.c.state.in_(UNSENT),
+                            batches.c.id > after_id,
+                            sa.or_(batches.c.next_attempt_at.is_(None), batches.c.next_attempt_at <= now),
+                        )
+                        .order_by(batches.c.id)
+                        .limit(limit)
+                    )
+                )
                 .mappings()
                 .all()
             )
         return [Batch(r["id"], r["tick_id"], r["persona_id"], r["kind"], r["body"], r["rows"]) for r in rows]
 
+    async def pending_batches(self) -> list[Batch]:
+        """Every unsent batch, whatever its backoff (tests and tools)."""
+        return await self.due_batches(float("inf"), limit=1_000_000)
+
     async def mark_batch(
-        self, batch_id: int, state: Literal["pending", "delivered", "dead"], error: str | None, now: float
+        self,
+        batch_id: int,
+        state: BatchState,
+        error: str | None,
+        now: float,
     ) -> None:
+        """Record one attempt that ended the batch's wait: delivered or refused."""
         async with self._write() as conn:
             await conn.execute(
                 batches.update()
@@ -403,41 +598,112 @@ class Journal:
                 .values(
                     state=state,
                     attempts=batches.c.attempts + 1,
-                    last_error=error,
+                    last_error=None if error is None else clean_text(error, 500),
                     delivered_at=now if state == "delivered" else None,
+                    next_attempt_at=None,
                 )
             )
 
+    async def fail_batch(
+        self, batch_id: int, error: str, now: float, schedule: Callable[[int], tuple[BatchState, float]]
+    ) -> tuple[int, BatchState, float, bool]:
+        """Count a failed attempt and set the batch's own next attempt from `schedule(attempts)`.
+
+        Returns the attempts, the new state and time, and whether the batch has just been parked.
+        """
+        async with self._write() as conn:
+            before = (
+                await conn.execute(sa.select(batches.c.attempts, batches.c.state).where(batches.c.id == batch_id))
+            ).first()
+            attempts = 1 + int(before.attempts if before else 0)
+            state, at = schedule(attempts)
+            newly_parked = state == "parked" and (before is None or before.state != "parked")
+            await conn.execute(
+                batches.update()
+                .where(batches.c.id == batch_id)
+                .values(state=state, attempts=attempts, last_error=clean_text(error, 500), next_attempt_at=at)
+            )
+            return attempts, state, at, newly_parked
+
+    async def requeue(self, states: tuple[str, ...] = ("refused", "parked")) -> int:
+        """Operator's re-drive: these batches go back to pending, due now, with a fresh count."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                batches.update()
+                .where(batches.c.state.in_(states))
+                .values(state="pending", attempts=0, next_attempt_at=None)
+            )
+            return int(result.rowcount or 0)
+
+    async def batch_counts(self) -> dict[str, int]:
+        """Batches by state: what /metrics and `python -m runner outbox` show."""
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(batches.c.state, sa.func.count()).group_by(batches.c.state))).all()
+        counts = {state: 0 for state in ("pending", "parked", "refused", "delivered")}
+        counts.update({str(state): int(n) for state, n in rows})
+        return counts
+
+    async def problem_batches(self, limit: int = 20) -> list[BatchStatus]:
+        """Parked and refused batches, the ones an operator has to look at."""
+        async with self._engine.connect() as conn:
+            rows = (
+                (
+                    await conn.execute(
+                        sa.select(batches)
+                        .where(batches.c.state.in_(("parked", "refused")))
+                        .order_by(batches.c.id)
+                        .limit(limit)
+                    )
+                )
+                .mappings()
+                .all()
+            )
+        return [
+            BatchStatus(r["id"], r["tick_id"], r["kind"], r["state"], r["rows"], r["attempts"], r["last_error"])
+            for r in rows
+        ]
+
     async def backlog(self) -> int:
+        """Batches still to be sent (pending or parked); refused ones wait for an operator."""
         async with self._engine.connect() as conn:
             count = await conn.scalar(
-                sa.select(sa.func.count()).select_from(batches).where(batches.c.state == "pending")
+                sa.select(sa.func.count()).select_from(batches).where(batches.c.state.in_(UNSENT))
             )
             return int(count or 0)
 
     async def prune(self, before: float) -> int:
         """Forget ticks sealed before `before` whose every batch the API accepted.
 
-        Keeps the journal's size flat over weeks. A tick with a pending or dead batch stays:
+        Keeps the journal's size flat over weeks. A tick with an unsent or refused batch stays:
         its rows are not safe anywhere else yet. Claims only ever look at the current window,
-        so pruning ticks older than a day changes no decision.
+        so pruning ticks older than a day changes no decision. Works in chunks of PRUNE_CHUNK
+        ticks, one short transaction each, so any backlog of prunable ticks shrinks.
         """
-        async with self._write() as conn:
-            unfinished = sa.select(batches.c.tick_id).where(batches.c.state != "delivered")
-            old = (
-                (
-                    await conn.execute(
-                        sa.select(ticks.c.tick_id).where(
-                            ticks.c.state == "sealed", ticks.c.updated_at < before, ticks.c.tick_id.not_in(unfinished)
+        total = 0
+        while True:
+            async with self._write() as conn:
+                unfinished = sa.select(batches.c.tick_id).where(batches.c.state != "delivered")
+                old = (
+                    (
+                        await conn.execute(
+                            sa.select(ticks.c.tick_id)
+                            .where(
+                                ticks.c.state == "sealed",
+                                ticks.c.updated_at < before,
+                                ticks.c.tick_id.not_in(unfinished),
+                            )
+                            .limit(PRUNE_CHUNK)
                         )
                     )
+                    .scalars()
+                    .all()
                 )
-                .scalars()
-                .all()
-            )
-            for table in (calls, ratings, batches, tick_spaces, ticks):
-                await conn.execute(table.delete().where(table.c.tick_id.in_(old)))
-            return len(old)
+                for table in (calls, ratings, batches, tick_spaces, ticks):
+                    await conn.execute(table.delete().where(table.c.tick_id.in_(old)))
+            total += len(old)
+            if len(old) < PRUNE_CHUNK:
+                return total
+            await asyncio.sleep(0)  # let ticks waiting for the write lock in between chunks
 
     async def writable(self) -> bool:
         """For /ready: a real write transaction, not just an open file."""

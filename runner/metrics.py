@@ -35,8 +35,23 @@ TOOL_LATENCY = Histogram(
 )
 LLM_TOKENS = Counter("persona_llm_tokens_total", "Model tokens by kind.", ["kind"], registry=REGISTRY)
 ROWS_DELIVERED = Counter("persona_rows_delivered_total", "Rows the API accepted, by kind.", ["kind"], registry=REGISTRY)
-BATCHES_DEAD = Counter(
-    "persona_batches_dead_total", "Batches the API refused for good (400/404).", ["kind"], registry=REGISTRY
+BATCHES_REFUSED = Counter(
+    "persona_batches_refused_total",
+    "Batches the personas API itself refused (its 400/404 envelope); kept, re-drivable.",
+    ["kind"],
+    registry=REGISTRY,
+)
+BATCHES_PARKED = Counter(
+    "persona_batches_parked_total",
+    "Batches that kept failing and moved to the slow retry.",
+    ["kind"],
+    registry=REGISTRY,
+)
+OUTBOX_BATCHES = Gauge(
+    "persona_outbox_batches",
+    "Batches in the journal by state (pending, parked, refused).",
+    ["state"],
+    registry=REGISTRY,
 )
 POLLS = Counter("persona_polls_total", "GET /due polls by result.", ["result"], registry=REGISTRY)
 OUTBOX_BACKLOG = Gauge("persona_outbox_backlog", "Batches recorded but not yet accepted by the API.", registry=REGISTRY)

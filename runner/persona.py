@@ -19,7 +19,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from runner.log import redact
 
 DEV_SEED_SECRET = "dev-persona-seed-secret-rotate-in-prod"
 
@@ -47,6 +49,37 @@ class DuePersona(BaseModel):
     tick_cadence: Cadence = Field(alias="tickCadence")
     last_active_at: datetime | None = Field(alias="lastActiveAt", default=None)
 
+    @field_validator("user_id", "email")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        # Ids travel in URLs, the journal and log lines; a control character or lone surrogate there is a bad row.
+        if len(value) > 320 or _ID_UNSAFE.search(value):
+            raise ValueError("control characters, lone surrogates or over 320 characters")
+        return value
+
+
+# What a row's text may not carry. PostgreSQL's text type refuses NUL (the API then answers
+# 500 for the whole batch, forever); lone surrogates cannot be encoded as UTF-8 at all (they
+# are what invalid UTF-8 becomes through surrogateescape, or a JSON "\ud800" escape); other
+# C0/C1 controls only garble the dashboard. Tab and newline stay: they are ordinary text.
+_UNSTORABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_ID_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+TOOL_NAME_MAX = 255  # the API cuts row ids at 255 characters; a longer name only collides
+TEXT_MAX = 2000
+
+
+def clean_text(text: str, limit: int = TEXT_MAX) -> str:
+    """The one rule for text that leaves the runner in a row: storable, secret-free, bounded.
+
+    Redaction comes after stripping (a secret split by a NUL is whole again) and before the cut
+    (a cut secret would no longer match and leak its first part).
+    """
+    return redact(_UNSTORABLE.sub("", text))[:limit]
+
+
+def _clean_optional(text: str | None) -> str | None:
+    return None if text is None else clean_text(text)
+
 
 @dataclass(frozen=True, slots=True)
 class ActionRow:
@@ -55,6 +88,11 @@ class ActionRow:
     input_hash: str | None = None
     error_message: str | None = None
     latency_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        # Every row is cleaned where it is made, so nothing can be frozen into a batch uncleaned.
+        object.__setattr__(self, "tool_name", clean_text(self.tool_name, TOOL_NAME_MAX))
+        object.__setattr__(self, "error_message", _clean_optional(self.error_message))
 
     def to_json(self, tick_id: str) -> dict[str, Any]:
         row: dict[str, Any] = {"tickId": tick_id, "toolName": self.tool_name, "result": self.result}
@@ -72,6 +110,10 @@ class FeedbackRow:
     module: str
     rating: int
     notes: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "module", clean_text(self.module, TOOL_NAME_MAX))
+        object.__setattr__(self, "notes", _clean_optional(self.notes))
 
     def to_json(self, tick_id: str) -> dict[str, Any]:
         row: dict[str, Any] = {"tickId": tick_id, "module": self.module, "rating": self.rating}

@@ -19,11 +19,11 @@ from runner import metrics
 from runner.agent.providers.anthropic import AnthropicProvider
 from runner.agent.providers.scripted import ScriptedProvider
 from runner.journal import Journal
-from runner.log import get_logger
+from runner.log import get_logger, register_secret
 from runner.mana.auth import AuthClient, LoginLimiter
 from runner.mana.errors import ManaError, RetryPolicy
-from runner.mana.personas_api import PersonasApi
-from runner.outbox import Outbox
+from runner.mana.personas_api import DueLimits, PersonasApi
+from runner.outbox import Outbox, OutboxPolicy
 from runner.persona import DuePersona, tick_id, tick_window
 from runner.settings import Settings
 from runner.tick import ProviderFactory, TickConfig, TickDeps, run_tick
@@ -46,6 +46,9 @@ class Runtime:
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """Every long-lived resource, opened once and closed in reverse order."""
+    # Whoever builds a runtime gets redaction of its secrets in everything it logs, stores or serves.
+    for secret in settings.secrets():
+        register_secret(secret)
     journal = await Journal.open(settings.runner_state_path)
     policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
     timeout = httpx.Timeout(30.0, connect=10.0)
@@ -63,6 +66,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 settings.mana_service_key.get_secret_value(),
                 policy,
                 settings.mana_personas_path,
+                DueLimits(settings.due_max_bytes, settings.due_max_rows, settings.persona_prompt_max_chars),
             )
             make_provider: ProviderFactory
             if settings.llm_provider == "scripted":
@@ -79,23 +83,34 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 make_provider = lambda p, tid: AnthropicProvider(  # noqa: E731
                     client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language
                 )
-            config = TickConfig(
-                seed_secret=settings.persona_seed_secret.get_secret_value(),
-                mcp_url=settings.mana_mcp_url,
-                max_turns=settings.persona_max_turns,
-                timeout_s=settings.persona_tick_timeout_s,
-                max_attempts=settings.persona_max_attempts,
-                retry_base_s=settings.persona_retry_base_s,
-                language=settings.persona_language,
-                policy=settings.tool_policy,
-                space_recheck_s=settings.mana_space_recheck_h * 3600,
-            )
+            config = tick_config(settings)
             deps = TickDeps(config=config, auth=auth, journal=journal, make_provider=make_provider)
-            yield Runtime(settings, journal, api, Outbox(journal, api), deps)
+            outbox_policy = OutboxPolicy(
+                retry_base_s=settings.outbox_retry_base_s,
+                retry_max_s=settings.outbox_retry_max_s,
+                park_after=settings.outbox_park_after,
+                parked_retry_s=settings.outbox_parked_retry_s,
+            )
+            yield Runtime(settings, journal, api, Outbox(journal, api, outbox_policy), deps)
     finally:
         if anthropic is not None:
             await anthropic.close()
         await journal.close()
+
+
+def tick_config(settings: Settings) -> TickConfig:
+    """What a tick needs from the settings; the daemon and the persona commands build it alike."""
+    return TickConfig(
+        seed_secret=settings.persona_seed_secret.get_secret_value(),
+        mcp_url=settings.mana_mcp_url,
+        max_turns=settings.persona_max_turns,
+        timeout_s=settings.persona_tick_timeout_s,
+        max_attempts=settings.persona_max_attempts,
+        retry_base_s=settings.persona_retry_base_s,
+        language=settings.persona_language,
+        policy=settings.tool_policy,
+        space_recheck_s=settings.mana_space_recheck_h * 3600,
+    )
 
 
 class PollError(Exception):
@@ -140,8 +155,11 @@ class Dispatcher:
             metrics.POLLS.labels(result="error").inc()
             raise PollError(str(exc)) from exc
         metrics.POLLS.labels(result="ok").inc()
-        for reason in due.skipped:
-            log.warning("due row skipped", reason=reason)
+        for warning in due.warnings:
+            log.warning("due answer", problem=warning)
+        if due.skipped:
+            # One line per poll, not one per row: 10,000 bad rows must not become 10,000 lines.
+            log.warning("due rows skipped", count=len(due.skipped), first=due.skipped[:5])
         started = 0
         for persona in due.personas:
             if persona.user_id in self._in_flight:
@@ -164,6 +182,10 @@ class Dispatcher:
             await self.poll()
         except PollError as exc:
             log.error("poll failed", error=str(exc))
+        except asyncio.CancelledError:
+            # The scheduler's shutdown cancels a poll in progress (SIGTERM/SIGHUP): every journal write
+            # is one transaction, so nothing is half done; say so instead of a traceback, and end quietly.
+            log.info("poll cut by shutdown")
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one poll
             metrics.ERRORS.labels(stage="poll").inc()
             log.exception("poll crashed", error=str(exc))
@@ -250,10 +272,12 @@ async def serve(runtime: Runtime) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # No configuration reload exists; a HUP (a closed terminal, a supervisor's habit) drains like TERM.
+    loop.add_signal_handler(signal.SIGHUP, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, dispatcher.set_paused, True)
     loop.add_signal_handler(signal.SIGUSR2, dispatcher.set_paused, False)
 
-    http = await start_http(runtime, dispatcher)
+    http = await start_http(runtime, dispatcher, settings.http_host)
     scheduler = AsyncIOScheduler(timezone=UTC)
     # max_instances=1: a slow poll is skipped over, never overlapped; coalesce: no catch-up bursts.
     scheduler.add_job(

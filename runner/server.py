@@ -1,10 +1,15 @@
-"""The daemon's HTTP face: /health, /ready, /metrics, and /diag/* outside production."""
+"""The daemon's HTTP face: /health, /ready, /metrics, and /diag/* when RUNNER_DIAG is on.
+
+Everything it answers goes through the log module's redaction: a server that echoes a
+password or the service key into an error must not have it served back here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,10 +21,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runner import metrics
-from runner.log import register_secret
+from runner.log import redact
 from runner.mana.errors import ManaError
-from runner.persona import derive_password
 from runner.scheduler import Dispatcher, PollError, Runtime
+from runner.tick import LoginBlocked, sign_in
+
+# A probe flood must not become a /due flood: one readiness check serves every probe for this long.
+READY_CACHE_S = 5.0
 
 
 def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
@@ -37,44 +45,56 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
             }
         )
 
-    async def ready(_: Request) -> Response:
+    ready_lock = asyncio.Lock()
+    ready_cache: list[tuple[float, dict[str, str]]] = []
+
+    async def check_ready() -> dict[str, str]:
         checks: dict[str, str] = {}
         try:
             await runtime.api.ping()
             checks["api"] = "ok"
         except ManaError as exc:
-            checks["api"] = str(exc)
+            checks["api"] = redact(str(exc))[:300]
         try:
             await runtime.journal.writable()
             checks["journal"] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure to write means not ready
             checks["journal"] = f"{type(exc).__name__}"
+        return checks
+
+    async def ready(_: Request) -> Response:
+        # Single flight: probes arriving together wait for one check instead of each making one.
+        async with ready_lock:
+            if not ready_cache or time.monotonic() - ready_cache[0][0] > READY_CACHE_S:
+                ready_cache[:] = [(time.monotonic(), await check_ready())]
+            checks = ready_cache[0][1]
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
     async def metrics_endpoint(_: Request) -> Response:
-        metrics.OUTBOX_BACKLOG.set(await runtime.journal.backlog())
+        await runtime.outbox.publish()
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def diag_login(request: Request) -> Response:
         email = request.query_params.get("email", "")
         if not email:
             return JSONResponse({"error": "email query parameter required"}, status_code=400)
-        auth = runtime.tick_deps.auth
-        password = derive_password(settings.persona_seed_secret.get_secret_value(), email)
-        register_secret(password)
+        deps = runtime.tick_deps
         try:
-            login = await auth.login(email, password)
-            space = await auth.personal_space(login, email, password)
+            # The tick's own sign-in: the same lockout rule (a refused password is never tried
+            # again, and a refusal here blocks ticks too) and the same login pacing.
+            login, space = await sign_in(deps.config, deps.auth, deps.journal, email)
         except ManaError as exc:
-            return JSONResponse({"ok": False, "stage": exc.stage, "error": str(exc)}, status_code=502)
+            # 409: the runner itself declines (a refused password is not tried again); 502: Mana answered so.
+            status = 409 if isinstance(exc, LoginBlocked) else 502
+            return JSONResponse({"ok": False, "stage": exc.stage, "error": redact(str(exc))}, status_code=status)
         return JSONResponse({"ok": True, "userId": login.user_id, "personalSpaceId": space.id, "via": space.via})
 
     async def diag_tick(_: Request) -> Response:
         try:
             started = await dispatcher.poll()
         except PollError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=502)
+            return JSONResponse({"error": redact(str(exc))}, status_code=502)
         return JSONResponse({"started": started})
 
     routes = [
@@ -82,7 +102,7 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
         Route("/ready", ready),
         Route("/metrics", metrics_endpoint),
     ]
-    if not settings.production:
+    if settings.runner_diag:  # settings refuse RUNNER_DIAG in production
         routes += [Route("/diag/login", diag_login), Route("/diag/tick", diag_tick, methods=["POST"])]
     return Starlette(routes=routes)
 
@@ -106,8 +126,9 @@ class HttpHandle:
         await self.task
 
 
-async def start_http(runtime: Runtime, dispatcher: Dispatcher, host: str = "0.0.0.0") -> HttpHandle:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
+async def start_http(runtime: Runtime, dispatcher: Dispatcher, host: str = "127.0.0.1") -> HttpHandle:
+    family = socket.getaddrinfo(host, runtime.settings.port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, runtime.settings.port))
     config = uvicorn.Config(build_app(runtime, dispatcher), log_level="warning", access_log=False, lifespan="off")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
 
+import httpx
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,7 +49,8 @@ class Settings(BaseSettings):
     persona_language: Literal["de", "en"] = "de"
 
     persona_seed_secret: SecretStr = SecretStr(DEV_SEED_SECRET)
-    tick_interval_ms: int = Field(default=60_000, ge=100)
+    # At most a day: the scheduler's clock arithmetic overflows on absurd values (1e20).
+    tick_interval_ms: int = Field(default=60_000, ge=100, le=86_400_000)
     persona_concurrency: int = Field(default=2, ge=1, le=256)
     persona_max_turns: int = Field(default=15, ge=1, le=100)
     persona_tick_timeout_s: float = Field(default=600, gt=0)
@@ -56,11 +59,25 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30, ge=0)
     # Longer than any cadence window (a day), so pruning never forgets a claim still in force.
     runner_retention_days: float = Field(default=7, ge=2)
+    # Delivery: each failing batch backs off on its own, then is parked on the slow schedule.
+    outbox_retry_base_s: float = Field(default=5, ge=0, le=3600)
+    outbox_retry_max_s: float = Field(default=300, ge=0, le=86_400)
+    outbox_park_after: int = Field(default=12, ge=1, le=1000)
+    outbox_parked_retry_s: float = Field(default=1800, ge=0, le=86_400)
+    # What is read from GET /due and sent to the model, bounded.
+    due_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    due_max_rows: int = Field(default=5000, ge=1, le=1_000_000)
+    persona_prompt_max_chars: int = Field(default=20_000, ge=100, le=1_000_000)
 
     runner_paused: bool = False
     runner_env: Literal["development", "production"] = "development"
     node_env: str | None = None
     port: int = Field(default=3070, ge=0, le=65535)
+    # Loopback unless the operator says otherwise; the container sets 0.0.0.0 so probes and
+    # Prometheus can reach it through the container network.
+    http_host: str = "127.0.0.1"
+    # /diag/login and /diag/tick act on Mana; off unless asked for, never in production.
+    runner_diag: bool = False
     runner_state_path: Path = Path("state/runner.db")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -68,9 +85,45 @@ class Settings(BaseSettings):
     @field_validator("mana_api_url", "mana_auth_url", "mana_mcp_url", "anthropic_base_url")
     @classmethod
     def _http_origin(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
+        if value is None:
+            return value
+        if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
-        return value.rstrip("/") if value else value
+        try:
+            url = httpx.URL(value)
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise ValueError(f"not a valid URL ({str(exc)[:80]})") from None
+        if not url.host:
+            raise ValueError("has no host")
+        if url.port is not None and not 0 < url.port <= 65535:
+            raise ValueError("port must be between 1 and 65535")
+        return value.rstrip("/")
+
+    @field_validator("http_host")
+    @classmethod
+    def _bind_address(cls, value: str) -> str:
+        # An IP literal or a host name; anything else would only fail later, at bind time.
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
+                raise ValueError("must be an IP address or a host name") from None
+        return value
+
+    @field_validator("mana_service_key", "anthropic_api_key")
+    @classmethod
+    def _header_safe(cls, value: SecretStr) -> SecretStr:
+        # Both travel in HTTP headers, which carry ASCII only; never echo the value itself.
+        if any(not 0x21 <= ord(ch) <= 0x7E for ch in value.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces (it is sent in an HTTP header)")
+        return value
+
+    @field_validator("persona_seed_secret")
+    @classmethod
+    def _seed_secret_set(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("must not be empty (unset it to use the development fallback outside production)")
+        return value
 
     @field_validator("persona_tools_allow", "persona_tools_deny")
     @classmethod
@@ -99,6 +152,8 @@ class Settings(BaseSettings):
                 raise ValueError("MANA_SERVICE_KEY: required in production")
             if self.llm_provider == "anthropic" and not self.anthropic_api_key.get_secret_value():
                 raise ValueError("ANTHROPIC_API_KEY: required in production with LLM_PROVIDER=anthropic")
+            if self.runner_diag:
+                raise ValueError("RUNNER_DIAG: the diagnostics endpoints are not served in production")
         return self
 
     @property
@@ -134,6 +189,10 @@ def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment, turning pydantic's report into one line."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f".env: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise SettingsError(f".env: cannot be read: {exc.strerror or exc}") from None
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]).upper()

@@ -69,6 +69,10 @@ class TickDeps:
     make_provider: ProviderFactory
 
 
+class LoginBlocked(PermanentError):
+    """This persona's password was refused before with this seed secret: not tried again (lockout)."""
+
+
 class NoToolsOffered(Exception):
     """The policy withheld every served tool: the persona could do nothing, which is not a quiet day."""
 
@@ -157,6 +161,8 @@ async def _failed(deps: TickDeps, claim: Claim, progress: _Progress, exc: Except
     # Only a tick that has not touched Mana yet may run again: a replayed day would double its content.
     if may_pass and progress.play.calls == 0 and claim.attempt < deps.config.max_attempts:
         retry_in = deps.config.retry_base_s * 2 ** (claim.attempt - 1)
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            retry_in = max(retry_in, exc.retry_after)  # a 429's Retry-After: come back no sooner
         await deps.journal.defer(claim.tick_id, reason, time.time() + retry_in, time.time())
         log.warning("tick deferred", error=reason, attempt=claim.attempt, retry_in_s=retry_in)
         return _finish("deferred", started)
@@ -175,38 +181,34 @@ def _shutting_down() -> bool:
     return task is None or task.cancelling() > 0
 
 
-def _email_key(email: str) -> str:
-    # `python -m runner tools EMAIL` knows a persona by its email only (a refused login reveals no
-    # user id), so a refusal is also recorded under this key, and both keys are checked.
-    return f"email:{email}"
+async def _password(config: TickConfig, journal: Journal, email: str, user_id: str | None) -> str:
+    """The derived password, unless it was refused before with this secret: never spend a lockout attempt twice.
 
-
-def _block_keys(email: str, user_id: str | None) -> list[str]:
-    return [k for k in (user_id, _email_key(email)) if k]
-
-
-async def _password(config: TickConfig, journal: Journal, email: str, keys: list[str]) -> str:
-    """The derived password, unless it was refused before with this secret: never spend a lockout attempt twice."""
-    for key in keys:
-        blocked = await journal.login_block(key, config.secret_fingerprint)
-        if blocked:
-            raise PermanentError(
-                f"login: not attempted, refused before with this seed secret ({blocked})", stage="login"
-            )
+    `python -m runner tools EMAIL` and /diag/login know a persona by its email only (a refused
+    login reveals no user id), so blocks are looked up by user id and by email alike.
+    """
+    fingerprint = config.secret_fingerprint
+    if user_id:
+        blocked = await journal.login_block(user_id, fingerprint, email)
+    else:
+        blocked = await journal.login_block_for_email(email, fingerprint)
+    if blocked:
+        raise LoginBlocked(f"login: not attempted, refused before with this seed secret ({blocked})", stage="login")
     password = derive_password(config.seed_secret, email)
     register_secret(password)
     return password
 
 
 @asynccontextmanager
-async def _blocking_wrong_password(config: TickConfig, journal: Journal, keys: list[str]) -> AsyncIterator[None]:
+async def _blocking_wrong_password(
+    config: TickConfig, journal: Journal, email: str, user_id: str | None
+) -> AsyncIterator[None]:
     """Every refused password counts toward Mana's lockout: never again with this secret, on either sign-in."""
     try:
         yield
     except ApiError as exc:
         if is_wrong_password(exc):
-            for key in keys:
-                await journal.block_login(key, config.secret_fingerprint, str(exc), time.time())
+            await journal.block_login(user_id or email, config.secret_fingerprint, str(exc), time.time(), email=email)
         raise
 
 
@@ -219,9 +221,8 @@ async def _login(
     waiting: WaitHook | None = None,
 ) -> Login:
     """Log a persona in, never spending a lockout attempt on a password refused before with this secret."""
-    keys = _block_keys(email, user_id)
-    password = await _password(config, journal, email, keys)
-    async with _blocking_wrong_password(config, journal, keys):
+    password = await _password(config, journal, email, user_id)
+    async with _blocking_wrong_password(config, journal, email, user_id):
         return await auth.login(email, password, waiting=waiting)
 
 
@@ -234,11 +235,10 @@ async def _login_and_space(
     progress: _Progress,
 ) -> tuple[Login, Space]:
     """The JWT and the personal space; a space remembered in the journal costs no second sign-in."""
-    keys = _block_keys(email, user_id)
-    password = await _password(config, journal, email, keys)
+    password = await _password(config, journal, email, user_id)
     known = await journal.known_space(user_id, time.time() - config.space_recheck_s) if user_id else None
     space = Space(known, "journal") if known is not None else None
-    async with _blocking_wrong_password(config, journal, keys):
+    async with _blocking_wrong_password(config, journal, email, user_id):
         if space is None and auth.bearer_accepted is False:
             # The cookie's sign-in first: the JWT minted after it is fresh when the MCP session opens.
             _stage(progress, "spaces")
@@ -284,9 +284,15 @@ def _decide(policy: ToolPolicy, specs: list[ToolSpec]) -> list[Decision]:
     return decisions
 
 
+async def sign_in(config: TickConfig, auth: AuthClient, journal: Journal, email: str) -> tuple[Login, Space]:
+    """Login and personal space for a persona known by its email alone (the `login` and `tools`
+    commands, /diag/login), under the same lockout rule as ticks."""
+    return await _login_and_space(config, auth, journal, email, None, _Progress())
+
+
 async def served_tools(config: TickConfig, auth: AuthClient, journal: Journal, email: str) -> list[Decision]:
     """What `python -m runner tools EMAIL` shows: the served list with the policy's decision per tool."""
-    login, space = await _login_and_space(config, auth, journal, email, None, _Progress())
+    login, space = await sign_in(config, auth, journal, email)
     async with _gateway(config, auth, journal, email, None, login, space.id) as gateway:
         return config.policy.decide(await gateway.tools())
 

@@ -75,6 +75,8 @@ class Mana:
             # The sandbox limits sign-ins only when asked (test_auth.py proves the pacing); unpaced here.
             mana_login_rate="1000/1s",
             persona_retry_base_s=0.05,
+            # A failed batch is due again at once: these tests re-run `once` right after a failure.
+            outbox_retry_base_s=0,
             log_format="json",
         )
         values.update(overrides)

@@ -236,7 +236,7 @@ async def test_pause_and_resume_by_signal_keep_health_green(
 async def test_metrics_match_the_rows_and_no_secret_reaches_any_output(
     sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path, fake_anthropic: FakeAnthropic
 ) -> None:
-    env = runner_env(sandbox, tmp_path / "runner.db", **anthropic_env(fake_anthropic))
+    env = runner_env(sandbox, tmp_path / "runner.db", RUNNER_DIAG="true", **anthropic_env(fake_anthropic))
     runner = start_runner(env, tmp_path / "runner.log")
     runners.append(runner)
     await asyncio.to_thread(runner.wait_healthy)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import httpx
 
 from runner.log import get_logger
-from runner.mana.errors import ApiError, ManaError, PermanentError, RetryPolicy, TransportError, error_from_response
+from runner.mana.errors import ApiError, ManaError, PermanentError, RetryPolicy, fetch, parse_json, request_json
 
 log = get_logger("runner.mana.auth")
 
@@ -151,8 +151,8 @@ class AuthClient:
         self._probe = asyncio.Lock()
 
     async def login(self, email: str, password: str, *, waiting: WaitHook | None = None) -> Login:
-        response = await self._sign_in("/api/v1/auth/login", email, password, "login", waiting)
-        body = _json(response, "login")
+        response, raw = await self._sign_in("/api/v1/auth/login", email, password, "login", waiting)
+        body = parse_json(raw, response.status_code, "login")
         token = body.get("accessToken") if isinstance(body, dict) else None
         user = body.get("user") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
@@ -202,7 +202,7 @@ class AuthClient:
 
     async def _session_cookie(self, email: str, password: str, waiting: WaitHook | None) -> str:
         """`name=value` of Better Auth's signed session cookie, from its own sign-in."""
-        response = await self._sign_in("/api/auth/sign-in/email", email, password, "signin", waiting)
+        response, _ = await self._sign_in("/api/auth/sign-in/email", email, password, "signin", waiting)
         for header in response.headers.get_list("set-cookie"):
             pair = header.split(";", 1)[0].strip()
             name, _, value = pair.partition("=")
@@ -212,51 +212,36 @@ class AuthClient:
 
     async def _sign_in(
         self, path: str, email: str, password: str, stage: str, waiting: WaitHook | None
-    ) -> httpx.Response:
+    ) -> tuple[httpx.Response, bytes]:
         """One sign-in, paced by the process-wide limiter; retried by the one retry rule."""
 
-        async def attempt() -> httpx.Response:
-            async with self.limiter.slot(waiting):
-                try:
-                    response = await self._client.post(
-                        f"{self._base}{path}", json={"email": email, "password": password}
+        async def attempt() -> tuple[httpx.Response, bytes]:
+            try:
+                async with self.limiter.slot(waiting):
+                    return await fetch(
+                        self._client,
+                        "POST",
+                        f"{self._base}{path}",
+                        stage=stage,
+                        json={"email": email, "password": password},
                     )
-                except httpx.TransportError as exc:
-                    raise TransportError(f"{stage}: {type(exc).__name__}", stage=stage) from exc
-            if response.status_code < 300:
-                return response
-            error = error_from_response(response, stage)
-            if error.status == 429 and error.code != "ACCOUNT_LOCKED":
-                # Mana's 429 names no wait: the limiter waits out its window before the next try,
-                # so the retry itself need not sleep (and never sooner than the server allows).
-                self.limiter.refused()
-                if error.retry_after is None:
-                    error = ApiError(429, error.code, str(error), stage=stage, retry_after=0.0)
-            raise error
+            except ApiError as error:
+                if error.status == 429 and error.code != "ACCOUNT_LOCKED":
+                    # Mana's 429 names no wait: the limiter waits out its window before the next try,
+                    # so the retry itself need not sleep (and never sooner than the server allows).
+                    self.limiter.refused()
+                    if error.retry_after is None:
+                        raise ApiError(429, error.code, str(error), stage=stage, retry_after=0.0) from None
+                raise
 
         return await self._policy.run(attempt)
 
     async def _spaces(self, headers: dict[str, str]) -> list[Any]:
-        async def attempt() -> Any:
-            try:
-                response = await self._client.get(f"{self._base}/api/auth/organization/list", headers=headers)
-            except httpx.TransportError as exc:
-                raise TransportError(f"spaces: {type(exc).__name__}", stage="spaces") from exc
-            if response.status_code >= 300:
-                raise error_from_response(response, "spaces")
-            return _json(response, "spaces")
-
-        spaces = await self._policy.run(attempt)
+        url = f"{self._base}/api/auth/organization/list"
+        spaces = await request_json(self._client, "GET", url, stage="spaces", policy=self._policy, headers=headers)
         if not isinstance(spaces, list):
             raise PermanentError("spaces: answer is not a list", stage="spaces")
         return spaces
-
-
-def _json(response: httpx.Response, stage: str) -> Any:
-    try:
-        return response.json()
-    except json.JSONDecodeError as exc:
-        raise ApiError(response.status_code, "BAD_BODY", "answer is not JSON", stage=stage) from exc
 
 
 def _pick_personal(spaces: list[Any]) -> str:

@@ -130,7 +130,9 @@ def test_a_due_body_that_is_not_usable_json_fails_the_poll_in_one_line(
     canned: Canned, tmp_path: Path, body: bytes, headers: dict[str, str], says: str
 ) -> None:
     canned.body, canned.headers = body, {"Content-Type": "application/json", **headers}
-    for with_length in (True, False):  # a declared length, and a body that just runs until the connection closes
+    # A declared length is refused before reading; a body without one is cut while it streams. Only the
+    # size bound reads the two differently, so only it runs both ways (each run is a process start).
+    for with_length in (True, False) if says == "TOO_LARGE" else (True,):
         canned.length = with_length
         bound = "4096" if says == "TOO_LARGE" else "1048576"
         done = run(["once"], clean_env(tmp_path, MANA_API_URL=canned.url, DUE_MAX_BYTES=bound))
@@ -273,11 +275,11 @@ def test_repeated_warnings_are_held_back_and_counted_and_values_capped(
     assert after[0]["suppressed"] == 1000 - log.RATE_BURST
 
 
-async def test_a_prune_of_300000_ticks_works_in_bounded_chunks(tmp_path: Path) -> None:
+async def test_a_prune_of_more_ticks_than_sqlite_binds_works_in_bounded_chunks(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     journal = await Journal.open(path)
     await journal.close()
-    count = 300_000
+    count = 40_000  # past SQLite's 32,766 bound variables, where one-statement pruning failed
     with sqlite3.connect(path) as db:
         db.executemany(
             "INSERT INTO ticks (tick_id, persona_id, window, state, outcome, attempts, created_at, updated_at)"

@@ -28,10 +28,10 @@ from runner.mana.personas_api import DueLimits, DueList, PersonasApi, parse_due
 from runner.persona import DuePersona
 from runner.settings import Settings, SettingsError, load_settings
 
-DUE_BYTES_EXAMPLES = 1500
-DUE_VALUE_EXAMPLES = 1500
-HTTP_EXAMPLES = 200
-SETTINGS_EXAMPLES = 600
+DUE_BYTES_EXAMPLES = 600
+DUE_VALUE_EXAMPLES = 600
+HTTP_EXAMPLES = 100
+SETTINGS_EXAMPLES = 400
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40)
 json_values = st.recursive(

@@ -1,7 +1,7 @@
 """Property tests for every parser at the edges this runner owns: any input has a defined outcome.
 
 /due bodies (bytes and decoded values, and over real HTTP), login and space answers over real
-HTTP, and settings from the environment. "Defined" means: a value of the documented type, or
+HTTP, settings from the environment, and the model's rating replies. "Defined" means: a value of the documented type, or
 the documented error type (ManaError, SettingsError); never anything else, never a traceback.
 The example counts are the ones the README's Reliability section quotes.
 """
@@ -22,10 +22,11 @@ from canned import Canned
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runner.agent.rating import MAX_NOTES_CHARS, parse_failure_row, parse_ratings
 from runner.mana.auth import AuthClient, Login, Space
 from runner.mana.errors import ManaError, RetryPolicy, decode_json
 from runner.mana.personas_api import DueLimits, DueList, PersonasApi, parse_due
-from runner.persona import DuePersona
+from runner.persona import PARSE_MODULE, DuePersona
 from runner.settings import Settings, SettingsError, load_settings
 
 DUE_BYTES_EXAMPLES = 600
@@ -219,3 +220,39 @@ def test_any_environment_is_settings_or_one_settings_error(env: dict[str, str]) 
     assert isinstance(loaded, Settings)
     assert 100 <= loaded.tick_interval_ms <= 86_400_000 and 0 <= loaded.port <= 65535
     assert loaded.persona_seed_secret.get_secret_value()
+
+
+# --- model replies: the rating the model gives back -------------------------------------------
+
+RATING_EXAMPLES = 400
+rating_items = st.fixed_dictionaries(
+    {},
+    optional={
+        "module": st.sampled_from(["todo", "mood", "notes", "calendar", "__parse", ""]) | json_scalars,
+        "rating": st.integers(-10, 10) | st.floats(allow_nan=True) | st.text(max_size=6) | json_scalars,
+        "notes": st.text(max_size=600) | json_scalars,
+    },
+)
+rating_payloads = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"ratings": st.lists(rating_items | json_values, max_size=6) | json_values}),
+    st.lists(rating_items, max_size=6),
+)
+
+
+@settings(max_examples=RATING_EXAMPLES, deadline=None)
+@given(payload=rating_payloads, as_text=st.booleans())
+def test_any_rating_reply_is_rows_for_used_modules_or_a_parse_row(payload: Any, as_text: bool) -> None:
+    """Whatever the model answers (structured, or as JSON text), the feedback rows keep the API's rules."""
+    used = ["mood", "todo"]
+    reply = json.dumps(payload) if as_text else payload
+    rows = parse_ratings(reply, used)
+    if rows is None:  # not a rating at all: the reference runner's `__parse` row, shown to an operator
+        rows = [parse_failure_row(json.dumps(payload, ensure_ascii=False))]
+        assert rows[0].module == PARSE_MODULE and rows[0].rating == 3
+    else:
+        assert {r.module for r in rows} <= set(used)
+        assert len({r.module for r in rows}) == len(rows)  # one rating per module and tick
+    for row in rows:
+        assert isinstance(row.rating, int) and 1 <= row.rating <= 5
+        assert row.notes is None or len(row.notes) <= MAX_NOTES_CHARS

@@ -388,23 +388,15 @@ class Journal:
                     )
                 )
 
-    async def login_block(self, persona_id: str, secret_fingerprint: str, email: str | None = None) -> str | None:
+    async def login_block(self, persona_id: str | None, secret_fingerprint: str, email: str) -> str | None:
         """The reason this persona's login is not to be tried with this secret, if any.
 
-        With `email`, a block /diag/login recorded for that address counts too.
+        Looked up by email as well as by user id: the `login`/`tools` commands and /diag/login
+        know a persona by its email only (a refused login reveals no user id).
         """
-        who = login_blocks.c.persona_id == persona_id
-        if email is not None:
-            who = sa.or_(who, login_blocks.c.email == email, login_blocks.c.persona_id == email)
-        return await self._login_block(who, secret_fingerprint)
-
-    async def login_block_for_email(self, email: str, secret_fingerprint: str) -> str | None:
-        """The same rule keyed by email, for /diag/login (which has no user id before a login)."""
-        return await self._login_block(
-            sa.or_(login_blocks.c.email == email, login_blocks.c.persona_id == email), secret_fingerprint
-        )
-
-    async def _login_block(self, who: sa.ColumnElement[bool], secret_fingerprint: str) -> str | None:
+        who = sa.or_(login_blocks.c.email == email, login_blocks.c.persona_id == email)
+        if persona_id is not None:
+            who = sa.or_(who, login_blocks.c.persona_id == persona_id)
         async with self._engine.connect() as conn:
             reason = await conn.scalar(
                 sa.select(login_blocks.c.reason)

@@ -187,11 +187,7 @@ async def _password(config: TickConfig, journal: Journal, email: str, user_id: s
     `python -m runner tools EMAIL` and /diag/login know a persona by its email only (a refused
     login reveals no user id), so blocks are looked up by user id and by email alike.
     """
-    fingerprint = config.secret_fingerprint
-    if user_id:
-        blocked = await journal.login_block(user_id, fingerprint, email)
-    else:
-        blocked = await journal.login_block_for_email(email, fingerprint)
+    blocked = await journal.login_block(user_id or None, config.secret_fingerprint, email)
     if blocked:
         raise LoginBlocked(f"login: not attempted, refused before with this seed secret ({blocked})", stage="login")
     password = derive_password(config.seed_secret, email)

@@ -266,6 +266,6 @@ async def test_a_journal_from_before_the_outbox_columns_opens_and_keeps_its_batc
         journal = await Journal.open(path)
         try:
             assert await journal.batch_counts() == {"pending": 1, "parked": 0, "refused": 1, "delivered": 0}
-            assert await journal.login_block_for_email("x@y.z", "f") is None
+            assert await journal.login_block(None, "f", "x@y.z") is None
         finally:
             await journal.close()

@@ -168,7 +168,7 @@ async def fetch(
     try:
         async with client.stream(method, url, **kwargs) as response:
             ok = response.status_code < 300
-            raw, whole = await _read_bounded(response, max_bytes if ok else MAX_ERROR_BODY_BYTES)
+            raw, whole = await read_bounded(response, max_bytes if ok else MAX_ERROR_BODY_BYTES)
     except httpx.TransportError as exc:
         raise TransportError(f"{stage}: {type(exc).__name__}", stage=stage) from exc
     if not ok:
@@ -205,7 +205,7 @@ async def request_json(
     return await policy.run(attempt)
 
 
-async def _read_bounded(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+async def read_bounded(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
     """Up to `limit` bytes of the body, and whether that was all of it."""
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:

@@ -10,10 +10,12 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from runner.mana.errors import RetryPolicy, TransportError, error_from_response, request_json
+from runner.mana.errors import RetryPolicy, TransportError, error_from_response, read_bounded, request_json
 from runner.persona import DuePersona
 
 BatchKind = Literal["actions", "feedback"]
+# A readiness probe reads at most this much of a refusal: enough for the API's error envelope.
+PING_ERROR_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +119,8 @@ class PersonasApi:
         try:
             async with self._client.stream("GET", f"{self._base}/due", headers=self._headers) as response:
                 if response.status_code >= 300:
-                    raw = b""
-                    async for chunk in response.aiter_bytes():
-                        raw += chunk
-                        if len(raw) > 4096:
-                            break
-                    raise error_from_response(response, "ready", raw[:4096])
+                    raw, _ = await read_bounded(response, PING_ERROR_BYTES)
+                    raise error_from_response(response, "ready", raw)
         except httpx.TransportError as exc:
             raise TransportError(f"ready: {type(exc).__name__}", stage="ready") from exc
 

@@ -129,7 +129,7 @@ async def _outbox(settings: Settings, *, retry: bool) -> int:
     """
     from runner.journal import Journal
 
-    journal = await Journal.open(settings.runner_state_path, own=False)
+    journal = await Journal.open(settings.journal_location, own=False)
     try:
         if retry:
             requeued = await journal.requeue()
@@ -160,7 +160,7 @@ async def _as_persona(settings: Settings) -> AsyncIterator[tuple[TickConfig, Aut
     from runner.mana.errors import RetryPolicy
     from runner.scheduler import tick_config
 
-    journal = await Journal.open(settings.runner_state_path, own=False)
+    journal = await Journal.open(settings.journal_location, own=False)
     try:
         async with httpx.AsyncClient(timeout=30) as http:
             policy = RetryPolicy(attempts=settings.mana_retry_attempts)

@@ -9,22 +9,32 @@ whose bytes never change again: the outbox re-sends exactly those bytes until th
 takes them, so the API's row ids ("{tickId}-{index}-{tool}") come out the same on every
 retry and nothing is doubled.
 
-SQLAlchemy Core keeps the SQL portable; SQLite (WAL, synchronous=FULL) is the default.
+SQLAlchemy Core keeps the SQL portable: SQLite (WAL, synchronous=FULL) is the default, and a
+PostgreSQL journal is shared by any number of replicas. Every decision that involves time
+(leases, retry times, backoff, pruning) is judged by the database's clock, never a replica's.
 
-One process owns a journal: `open` takes an exclusive OS lock (flock on `<journal>.lock`) for
-the life of the process. A second runner's start-up recovery would otherwise seal the first
-one's running ticks, and their later calls would never reach a batch.
+Several replicas coordinate through the database alone: a claim is the insert of a unique
+(persona, window) row; a running tick carries its replica and a lease that the replica renews;
+a tick whose lease ran out is sealed as interrupted by whichever live replica finds it first,
+under a row lock that also fences the late owner's next call (LeaseLost); a batch is sent by one
+replica at a time (SKIP LOCKED and a delivery lease).
+
+A SQLite journal belongs to one process: `open` takes an exclusive OS lock (flock on
+`<journal>.lock`) for the life of the process, which also proves that every tick another process
+left running is abandoned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import secrets
+import socket
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,9 +42,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_insert
+from sqlalchemy.dialects import sqlite as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from runner.persona import TICK_ROW, ActionRow, FeedbackRow, clean_text
+from runner.schema import (
+    SchemaError,
+    batches,
+    calls,
+    clock,
+    login_blocks,
+    personal_spaces,
+    ratings,
+    ready_probe,
+    tick_spaces,
+    ticks,
+    upgrade,
+)
 
 ACTIONS_PER_BATCH = 500
 FEEDBACK_PER_BATCH = 100
@@ -46,98 +71,6 @@ PRUNE_CHUNK = 500
 # `python -m runner outbox --retry`); `delivered` is done. `dead` is the pre-0.2 name of refused.
 BatchState = Literal["pending", "parked", "refused", "delivered"]
 UNSENT: tuple[BatchState, ...] = ("pending", "parked")
-
-_meta = sa.MetaData()
-ticks = sa.Table(
-    "ticks",
-    _meta,
-    sa.Column("tick_id", sa.String(64), primary_key=True),
-    sa.Column("persona_id", sa.String(255), nullable=False, index=True),
-    sa.Column("window", sa.String(32), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("outcome", sa.String(32)),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("next_attempt_at", sa.Float),
-    sa.Column("last_error", sa.Text),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-)
-calls = sa.Table(
-    "calls",
-    _meta,
-    sa.Column("tick_id", sa.String(64), primary_key=True),
-    sa.Column("seq", sa.Integer, primary_key=True),
-    sa.Column("tool_name", sa.String(255), nullable=False),
-    sa.Column("input_hash", sa.String(16)),
-    sa.Column("status", sa.String(16), nullable=False),  # pending | ok | error
-    sa.Column("error_message", sa.Text),
-    sa.Column("latency_ms", sa.Integer),
-)
-ratings = sa.Table(
-    "ratings",
-    _meta,
-    sa.Column("tick_id", sa.String(64), primary_key=True),
-    sa.Column("module", sa.String(255), primary_key=True),
-    sa.Column("rating", sa.Integer, nullable=False),
-    sa.Column("notes", sa.Text),
-)
-# A persona whose password was refused is not tried again with the same secret: every
-# INVALID_CREDENTIALS counts toward Mana's lockout, and a wrong secret would otherwise
-# spend one attempt per window until the account locks. A new secret lifts the block.
-login_blocks = sa.Table(
-    "login_blocks",
-    _meta,
-    sa.Column("persona_id", sa.String(255), primary_key=True),
-    sa.Column("secret_fingerprint", sa.String(32), primary_key=True),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    # /diag/login knows only an email; it must see (and record) the same blocks as ticks.
-    sa.Column("email", sa.String(320)),
-)
-# A persona's personal space id never changes (contract §3): remembering it saves the space
-# lookup, which on the real mana-auth costs a second, rate-limited sign-in per tick.
-personal_spaces = sa.Table(
-    "personal_spaces",
-    _meta,
-    sa.Column("persona_id", sa.String(255), primary_key=True),
-    sa.Column("space_id", sa.String(255), nullable=False),
-    sa.Column("resolved_at", sa.Float, nullable=False),
-)
-# The space each tick played in, and how it was known (journal | bearer | cookie).
-tick_spaces = sa.Table(
-    "tick_spaces",
-    _meta,
-    sa.Column("tick_id", sa.String(64), primary_key=True),
-    sa.Column("persona_id", sa.String(255), nullable=False),
-    sa.Column("space_id", sa.String(255), nullable=False),
-    sa.Column("via", sa.String(16), nullable=False),
-    sa.Column("at", sa.Float, nullable=False),
-)
-batches = sa.Table(
-    "batches",
-    _meta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("tick_id", sa.String(64), nullable=False, index=True),
-    sa.Column("persona_id", sa.String(255), nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),  # actions | feedback
-    sa.Column("body", sa.LargeBinary, nullable=False),
-    sa.Column("rows", sa.Integer, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),  # see BatchState
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("last_error", sa.Text),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("delivered_at", sa.Float),
-    # Per-batch backoff: a failing batch waits on its own, the others go on.
-    sa.Column("next_attempt_at", sa.Float),
-)
-
-# STOPGAP until versioned migrations exist: columns added after the first release, with the
-# SQLite type to ADD when an older journal lacks them. Idempotent; run at every open.
-_ADDED_COLUMNS: dict[tuple[str, str], str] = {
-    ("batches", "next_attempt_at"): "FLOAT",
-    ("login_blocks", "email"): "VARCHAR(320)",
-}
-_OWN_TABLES = frozenset(_meta.tables) | {"ready_probe"}
 
 
 class JournalError(Exception):
@@ -190,30 +123,41 @@ def _db_problem(exc: BaseException) -> str:
     return text[0][:200] if text else type(orig).__name__
 
 
-def _check_and_upgrade(conn: sa.Connection) -> None:
-    """Refuse what is not a runner journal; create what is missing; add the stopgap columns."""
-    tables = set(sa.inspect(conn).get_table_names())
-    if tables and not tables & _OWN_TABLES:
-        foreign = ", ".join(sorted(tables)[:5])
-        raise JournalError(f"not a runner journal (it holds other tables: {foreign})")
-    for name in sorted(tables & set(_meta.tables)):
-        present = {c["name"] for c in sa.inspect(conn).get_columns(name)}
-        for column in _meta.tables[name].columns:
-            if column.name in present:
-                continue
-            if (name, column.name) not in _ADDED_COLUMNS:
-                raise JournalError(f"foreign schema: table {name} has no column {column.name}")
-            conn.exec_driver_sql(f'ALTER TABLE {name} ADD COLUMN "{column.name}" {_ADDED_COLUMNS[(name, column.name)]}')
-    _meta.create_all(conn)
-    if "batches" in tables:
-        conn.execute(batches.update().where(batches.c.state == "dead").values(state="refused"))
-    # Reads every page once: a truncated or damaged file is refused now, not mid-tick.
-    verdict = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
-    if verdict != "ok":
-        raise JournalError(f"corrupt: {str(verdict).splitlines()[0][:200]}")
-    # Opening a read-only file succeeds; only a write tells.
-    conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS ready_probe (at REAL)")
-    conn.exec_driver_sql("DELETE FROM ready_probe")
+def _sqlite(path: Path, own: bool) -> tuple[str, _OwnerLock | None, AsyncEngine]:
+    """The SQLite journal's file checks, its owner lock, and an engine with the pragmas it needs."""
+    label = f"journal {path}"
+    try:
+        if path.exists() and path.is_dir():
+            raise JournalError(f"{label}: is a directory")
+        if path.exists() and not path.is_file():
+            raise JournalError(f"{label}: not a regular file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JournalError(f"{label}: {exc.strerror or exc}") from None
+    owner = _OwnerLock.acquire(path) if own else None
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def _pragmas(dbapi_conn: Any, _: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        # WAL lets /ready and the outbox read while a tick writes; FULL survives power loss too.
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    return label, owner, engine
+
+
+def _prepare(conn: sa.Connection) -> None:
+    """Bring the schema up to date, then prove the database usable before any tick relies on it."""
+    upgrade(conn)
+    if conn.dialect.name == "sqlite":
+        # Reads every page once: a truncated or damaged file is refused now, not mid-tick.
+        verdict = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
+        if verdict != "ok":
+            raise JournalError(f"corrupt: {str(verdict).splitlines()[0][:200]}")
+    # Opening a read-only file (or connecting as a read-only role) succeeds; only a write tells.
+    conn.execute(ready_probe.delete())
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,98 +197,138 @@ class BatchStatus:
     last_error: str | None
 
 
+class LeaseLost(Exception):
+    """This replica no longer holds the tick: its lease ran out and another replica sealed it."""
+
+
+def replica_id() -> str:
+    """Who holds a lease: host, process and a random part, so a restarted process is someone new."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 class Journal:
-    def __init__(self, engine: AsyncEngine, owner: _OwnerLock | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, owner: _OwnerLock | None = None, lease_s: float = 60.0) -> None:
         self._engine = engine
         self._owner = owner
-        self._write_lock = asyncio.Lock()
+        self._clock = clock(engine.dialect.name)
+        self._postgres = engine.dialect.name == "postgresql"
+        # SQLite has one writer at a time (see _write); PostgreSQL takes row locks, many writers.
+        self._write_lock: asyncio.Lock | None = None if self._postgres else asyncio.Lock()
+        self.lease_s = lease_s
+        self.replica = replica_id()
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """One write transaction at a time.
+        """One write transaction (on SQLite, one at a time in this process).
 
         SQLite has a single write lock; a writer holds it across event-loop round trips and
         SQLite's busy handler only sleeps, so many concurrent ticks could time out on it
         ("database is locked", seen at concurrency 32 in bench/). Queueing here is fair and never times out.
         """
-        async with self._write_lock, self._engine.begin() as conn:
+        async with self._write_lock or contextlib.nullcontext(), self._engine.begin() as conn:
             yield conn
 
+    async def _now(self, conn: AsyncConnection) -> float:
+        """The database's clock: the one clock every replica agrees on for leases and retry times."""
+        return float(await conn.scalar(sa.select(self._clock)) or 0.0)
+
+    def _insert(self, table: sa.Table) -> sqlite_insert.Insert | pg_insert.Insert:
+        return pg_insert.insert(table) if self._postgres else sqlite_insert.insert(table)
+
+    async def _upsert(self, conn: AsyncConnection, table: sa.Table, values: dict[str, Any]) -> None:
+        keys = [c.name for c in table.primary_key.columns]
+        stmt = self._insert(table).values(**values)
+        await conn.execute(
+            stmt.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in values.items() if k not in keys})
+        )
+
     @classmethod
-    async def open(cls, path: Path, *, own: bool = True) -> Journal:
-        """Open (or create) the journal; raises JournalError, one line, for any problem with it.
+    async def open(cls, where: Path | str, *, own: bool = True, lease_s: float = 60.0) -> Journal:
+        """Open (or create) the journal and migrate it; raises JournalError, one line, for any problem.
 
-        `own=False` is for the `outbox` maintenance command: it only reads counts and flips
-        batch states in single short transactions, which is safe beside a running owner.
+        `where` is the SQLite file (a Path) or a PostgreSQL URL (`postgresql+asyncpg://...`).
+        `own=False` is for the maintenance commands: they read counts, flip batch states and
+        record login blocks in single short transactions, which is safe beside a running owner.
         """
-        where = f"journal {path}"
-        try:
-            if path.exists() and path.is_dir():
-                raise JournalError(f"{where}: is a directory")
-            if path.exists() and not path.is_file():
-                raise JournalError(f"{where}: not a regular file")
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise JournalError(f"{where}: {exc.strerror or exc}") from None
-        owner = _OwnerLock.acquire(path) if own else None
-        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
-
-        @sa.event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _: Any) -> None:
-            cursor = dbapi_conn.cursor()
-            # WAL lets /ready and the outbox read while a tick writes; FULL survives power loss too.
-            for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
-                cursor.execute(f"PRAGMA {pragma}")
-            cursor.close()
-
+        if isinstance(where, Path):
+            label, owner, engine = _sqlite(where, own)
+        else:
+            url = sa.engine.make_url(where)
+            label, owner = f"journal {url.render_as_string(hide_password=True)}", None
+            # Generous pool wait: at high concurrency ticks queue for a connection instead of failing.
+            engine = create_async_engine(
+                url, pool_size=10, max_overflow=20, pool_timeout=120, pool_pre_ping=True, connect_args={"timeout": 10}
+            )
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(_check_and_upgrade)
+                await conn.run_sync(_prepare)
         except BaseException as exc:
             await engine.dispose()
             if owner is not None:
                 owner.release()
-            if isinstance(exc, JournalError):
-                raise JournalError(f"{where}: {exc}") from None
+            if isinstance(exc, (JournalError, SchemaError)):
+                raise JournalError(f"{label}: {exc}") from None
             if isinstance(exc, (sa.exc.SQLAlchemyError, sqlite3.Error, OSError)):
-                raise JournalError(f"{where}: {_db_problem(exc)}") from None
+                raise JournalError(f"{label}: {_db_problem(exc)}") from None
             raise
-        return cls(engine, owner)
+        return cls(engine, owner, lease_s)
 
     async def close(self) -> None:
         await self._engine.dispose()
         if self._owner is not None:
             self._owner.release()
 
-    async def claim(
-        self, persona_id: str, window: str, tick_id: str, now: float, retry_at_least: float | None = None
-    ) -> Claim | None:
-        """Take (persona, window) for one run; None when it is done, running or not yet due for a retry."""
+    def _mine(self) -> sa.ColumnElement[bool]:
+        return sa.and_(ticks.c.state == "running", ticks.c.owner == self.replica)
+
+    def _abandoned(self, now: float) -> sa.ColumnElement[bool]:
+        """Running ticks nobody holds any more.
+
+        On PostgreSQL, those whose lease ran out: their replica died or lost the database. With
+        SQLite the owner lock proves every other process that wrote the file is gone, so all
+        ticks but this process's own are abandoned, whatever their lease says.
+        """
+        if self._owner is not None:
+            return sa.and_(ticks.c.state == "running", sa.or_(ticks.c.owner.is_(None), ticks.c.owner != self.replica))
+        return sa.and_(ticks.c.state == "running", sa.or_(ticks.c.lease_until.is_(None), ticks.c.lease_until < now))
+
+    async def claim(self, persona_id: str, window: str, tick_id: str) -> Claim | None:
+        """Take (persona, window) for one run; None when it is done, running or not yet due for a retry.
+
+        Atomic across replicas: the insert of the tick row is the claim, and a second claimant's
+        insert does nothing on the unique (persona, window); a retry is taken by a conditional update.
+        """
         async with self._write() as conn:
-            row = (await conn.execute(sa.select(ticks).where(ticks.c.tick_id == tick_id))).mappings().first()
-            if row is None:
-                await self._supersede_retries(conn, persona_id, tick_id, now)
-                await conn.execute(
-                    ticks.insert().values(
-                        tick_id=tick_id,
-                        persona_id=persona_id,
-                        window=window,
-                        state="running",
-                        attempts=1,
-                        created_at=now,
-                        updated_at=now,
-                    )
+            now = await self._now(conn)
+            await self._supersede_retries(conn, persona_id, tick_id, now)
+            lease = {"owner": self.replica, "lease_until": now + self.lease_s, "updated_at": now}
+            inserted = await conn.scalar(
+                self._insert(ticks)
+                .values(
+                    tick_id=tick_id,
+                    persona_id=persona_id,
+                    window=window,
+                    state="running",
+                    attempts=1,
+                    created_at=now,
+                    **lease,
                 )
-                return Claim(tick_id, 1)
-            if row["state"] != "retry" or (row["next_attempt_at"] or 0) > now:
-                return None
-            attempt = row["attempts"] + 1
-            await conn.execute(
-                ticks.update()
-                .where(ticks.c.tick_id == tick_id)
-                .values(state="running", attempts=attempt, next_attempt_at=None, updated_at=now)
+                .on_conflict_do_nothing()
+                .returning(ticks.c.tick_id)
             )
-            return Claim(tick_id, attempt)
+            if inserted is not None:
+                return Claim(tick_id, 1)
+            attempt = await conn.scalar(
+                ticks.update()
+                .where(
+                    ticks.c.tick_id == tick_id,
+                    ticks.c.state == "retry",
+                    sa.or_(ticks.c.next_attempt_at.is_(None), ticks.c.next_attempt_at <= now),
+                )
+                .values(state="running", attempts=ticks.c.attempts + 1, next_attempt_at=None, **lease)
+                .returning(ticks.c.attempts)
+            )
+            return Claim(tick_id, int(attempt)) if attempt is not None else None
 
     async def _supersede_retries(self, conn: AsyncConnection, persona_id: str, tick_id: str, now: float) -> None:
         # A tick still waiting for a retry when its window has passed will never run: close it
@@ -357,36 +341,49 @@ class Journal:
             )
         ).all()
         for old_id, last_error in stale:
-            await self._seal(conn, old_id, "failed", ActionRow(TICK_ROW, "error", error_message=last_error), now)
+            row = ActionRow(TICK_ROW, "error", error_message=last_error)
+            await self._seal(conn, old_id, "failed", row, now, when=ticks.c.state == "retry")
 
-    async def defer(self, tick_id: str, error: str, retry_at: float, now: float) -> None:
+    async def renew_leases(self) -> int:
+        """Extend the lease of every tick this replica is running; returns how many it holds."""
+        async with self._write() as conn:
+            now = await self._now(conn)
+            result = await conn.execute(ticks.update().where(self._mine()).values(lease_until=now + self.lease_s))
+            return int(result.rowcount or 0)
+
+    async def defer(self, tick_id: str, error: str, retry_in_s: float) -> None:
         """A failure before any tool call: nothing happened in Mana, so running again is safe."""
         async with self._write() as conn:
+            now = await self._now(conn)
             await conn.execute(
                 ticks.update()
-                .where(ticks.c.tick_id == tick_id)
-                .values(state="retry", last_error=clean_text(error, 500), next_attempt_at=retry_at, updated_at=now)
+                .where(ticks.c.tick_id == tick_id, self._mine())
+                .values(
+                    state="retry",
+                    last_error=clean_text(error, 500),
+                    next_attempt_at=now + retry_in_s,
+                    updated_at=now,
+                    owner=None,
+                    lease_until=None,
+                )
             )
 
     async def block_login(
-        self, persona_id: str, secret_fingerprint: str, reason: str, now: float, email: str | None = None
+        self, persona_id: str, secret_fingerprint: str, reason: str, email: str | None = None
     ) -> None:
         async with self._write() as conn:
-            exists = await conn.scalar(
-                sa.select(sa.func.count())
-                .select_from(login_blocks)
-                .where(login_blocks.c.persona_id == persona_id, login_blocks.c.secret_fingerprint == secret_fingerprint)
-            )
-            if not exists:
-                await conn.execute(
-                    login_blocks.insert().values(
-                        persona_id=persona_id,
-                        secret_fingerprint=secret_fingerprint,
-                        reason=clean_text(reason, 500),
-                        created_at=now,
-                        email=email,
-                    )
+            now = await self._now(conn)
+            await conn.execute(
+                self._insert(login_blocks)
+                .values(
+                    persona_id=persona_id,
+                    secret_fingerprint=secret_fingerprint,
+                    reason=clean_text(reason, 500),
+                    created_at=now,
+                    email=email,
                 )
+                .on_conflict_do_nothing()
+            )
 
     async def login_block(self, persona_id: str | None, secret_fingerprint: str, email: str) -> str | None:
         """The reason this persona's login is not to be tried with this secret, if any.
@@ -405,21 +402,22 @@ class Journal:
             )
             return str(reason) if reason is not None else None
 
-    async def known_space(self, persona_id: str, resolved_after: float) -> str | None:
-        """The persona's remembered personal space, if it was looked up after `resolved_after`."""
+    async def known_space(self, persona_id: str, max_age_s: float) -> str | None:
+        """The persona's remembered personal space, if it was looked up within `max_age_s`."""
         async with self._engine.connect() as conn:
+            now = await self._now(conn)
             space = await conn.scalar(
                 sa.select(personal_spaces.c.space_id).where(
-                    personal_spaces.c.persona_id == persona_id, personal_spaces.c.resolved_at > resolved_after
+                    personal_spaces.c.persona_id == persona_id, personal_spaces.c.resolved_at > now - max_age_s
                 )
             )
             return str(space) if space is not None else None
 
-    async def remember_space(self, persona_id: str, space_id: str, now: float) -> None:
+    async def remember_space(self, persona_id: str, space_id: str) -> None:
         async with self._write() as conn:
-            await conn.execute(personal_spaces.delete().where(personal_spaces.c.persona_id == persona_id))
-            await conn.execute(
-                personal_spaces.insert().values(persona_id=persona_id, space_id=space_id, resolved_at=now)
+            now = await self._now(conn)
+            await self._upsert(
+                conn, personal_spaces, {"persona_id": persona_id, "space_id": space_id, "resolved_at": now}
             )
 
     async def forget_space(self, persona_id: str) -> None:
@@ -427,13 +425,12 @@ class Journal:
         async with self._write() as conn:
             await conn.execute(personal_spaces.delete().where(personal_spaces.c.persona_id == persona_id))
 
-    async def record_tick_space(self, tick_id: str, persona_id: str, space_id: str, via: str, now: float) -> None:
+    async def record_tick_space(self, tick_id: str, persona_id: str, space_id: str, via: str) -> None:
         async with self._write() as conn:
+            now = await self._now(conn)
             # A retried tick may resolve again; the latest attempt's space is the one it played in.
-            await conn.execute(tick_spaces.delete().where(tick_spaces.c.tick_id == tick_id))
-            await conn.execute(
-                tick_spaces.insert().values(tick_id=tick_id, persona_id=persona_id, space_id=space_id, via=via, at=now)
-            )
+            values = {"tick_id": tick_id, "persona_id": persona_id, "space_id": space_id, "via": via, "at": now}
+            await self._upsert(conn, tick_spaces, values)
 
     async def tick_space(self, tick_id: str) -> tuple[str, str] | None:
         """(space id, via) of a tick, for reports and tests."""
@@ -446,7 +443,21 @@ class Journal:
         return (str(row[0]), str(row[1])) if row is not None else None
 
     async def begin_call(self, tick_id: str, seq: int, tool_name: str, input_hash: str | None) -> None:
+        """Journal a call as pending before it is sent; raises LeaseLost if the tick is no longer ours.
+
+        The lease check and the pending row are one transaction, and a recovering replica seals
+        under the same row lock: either this call is in the sealed batch, or it is never made.
+        """
         async with self._write() as conn:
+            now = await self._now(conn)
+            held = await conn.scalar(
+                ticks.update()
+                .where(ticks.c.tick_id == tick_id, self._mine())
+                .values(lease_until=now + self.lease_s)
+                .returning(ticks.c.tick_id)
+            )
+            if held is None:
+                raise LeaseLost(f"tick {tick_id}: lease lost; another replica sealed it")
             await conn.execute(
                 calls.insert().values(
                     tick_id=tick_id,
@@ -476,17 +487,35 @@ class Journal:
                     ratings.insert().values(tick_id=tick_id, module=row.module, rating=row.rating, notes=row.notes)
                 )
 
-    async def seal(self, tick_id: str, outcome: str, tick_row: ActionRow | None, now: float) -> None:
-        """Freeze the tick's rows into batches; after this nothing about the tick changes."""
+    async def seal(self, tick_id: str, outcome: str, tick_row: ActionRow | None) -> bool:
+        """Freeze the tick's rows into batches; after this nothing about the tick changes.
+
+        False when this replica no longer holds the tick (another one sealed it as interrupted).
+        """
         async with self._write() as conn:
-            await self._seal(conn, tick_id, outcome, tick_row, now)
+            now = await self._now(conn)
+            return await self._seal(conn, tick_id, outcome, tick_row, now, when=self._mine())
 
     async def _seal(
-        self, conn: AsyncConnection, tick_id: str, outcome: str, tick_row: ActionRow | None, now: float
-    ) -> None:
-        tick = (await conn.execute(sa.select(ticks).where(ticks.c.tick_id == tick_id))).mappings().first()
-        if tick is None or tick["state"] == "sealed":
-            return
+        self,
+        conn: AsyncConnection,
+        tick_id: str,
+        outcome: str,
+        tick_row: ActionRow | None,
+        now: float,
+        *,
+        when: sa.ColumnElement[bool],
+    ) -> bool:
+        # The state change comes first and is conditional: it takes the row lock, so of two
+        # replicas sealing one tick exactly one writes its batches, and the other finds nothing to do.
+        persona_id = await conn.scalar(
+            ticks.update()
+            .where(ticks.c.tick_id == tick_id, when)
+            .values(state="sealed", outcome=outcome, updated_at=now, lease_until=None)
+            .returning(ticks.c.persona_id)
+        )
+        if persona_id is None:
+            return False
         action_rows = [
             ActionRow(
                 tool_name=r.tool_name,
@@ -524,7 +553,7 @@ class Journal:
             await conn.execute(
                 batches.insert().values(
                     tick_id=tick_id,
-                    persona_id=tick["persona_id"],
+                    persona_id=persona_id,
                     kind=kind,
                     body=body,
                     rows=len(rows),
@@ -533,27 +562,46 @@ class Journal:
                     created_at=now,
                 )
             )
-        await conn.execute(
-            ticks.update().where(ticks.c.tick_id == tick_id).values(state="sealed", outcome=outcome, updated_at=now)
-        )
+        return True
 
-    async def recover(self, now: float) -> list[str]:
-        """Close ticks a dead process left running; their day is never replayed."""
-        async with self._write() as conn:
-            running = (await conn.execute(sa.select(ticks.c.tick_id).where(ticks.c.state == "running"))).scalars().all()
-            for tick_id in running:
-                row = ActionRow(TICK_ROW, "error", error_message="interrupted: the runner stopped during this tick")
-                await self._seal(conn, tick_id, "interrupted", row, now)
-            return list(running)
+    async def recover(self) -> list[str]:
+        """Seal the ticks nobody holds any more as interrupted; their day is never replayed.
 
-    async def due_batches(self, now: float, after_id: int = 0, limit: int = 50) -> list[Batch]:
-        """Unsent batches whose own next attempt is due, oldest first, past `after_id`.
-
-        A sweep walks forward by id, so each batch is tried at most once per sweep, and the
-        bodies in memory stay bounded by `limit`.
+        Every live replica calls this as it polls, so a dead replica's ticks are closed (and
+        their batches sent) by the others. One transaction per tick keeps each lock short.
         """
         async with self._engine.connect() as conn:
-            rows = (
+            now = await self._now(conn)
+            candidates = (
+                (
+                    await conn.execute(
+                        sa.select(ticks.c.tick_id).where(self._abandoned(now)).order_by(ticks.c.tick_id).limit(500)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        sealed: list[str] = []
+        row = ActionRow(TICK_ROW, "error", error_message="interrupted: the runner stopped during this tick")
+        for tick_id in candidates:
+            async with self._write() as conn:
+                now = await self._now(conn)
+                # Judged again under the row lock: a lease renewed meanwhile keeps the tick alive.
+                if await self._seal(conn, tick_id, "interrupted", row, now, when=self._abandoned(now)):
+                    sealed.append(tick_id)
+        return sealed
+
+    async def take_batch(self, after_id: int = 0) -> Batch | None:
+        """The next unsent batch past `after_id` that is due and that no replica is sending.
+
+        Taken with a delivery lease: SKIP LOCKED lets replicas pick different batches at the
+        same moment, and the lease keeps the batch theirs while the POST is under way (no
+        transaction is held open across HTTP). A sender that dies leaves a lease that runs out.
+        A sweep walks forward by id, so each batch is tried at most once per sweep.
+        """
+        async with self._write() as conn:
+            now = await self._now(conn)
+            row = (
                 (
                     await conn.execute(
                         sa.select(batches)
@@ -561,61 +609,90 @@ class Journal:
                             batches.c.state.in_(UNSENT),
                             batches.c.id > after_id,
                             sa.or_(batches.c.next_attempt_at.is_(None), batches.c.next_attempt_at <= now),
+                            sa.or_(batches.c.lease_until.is_(None), batches.c.lease_until < now),
                         )
                         .order_by(batches.c.id)
-                        .limit(limit)
+                        .limit(1)
+                        .with_for_update(skip_locked=True)
                     )
                 )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            await conn.execute(
+                batches.update()
+                .where(batches.c.id == row["id"])
+                .values(lease_owner=self.replica, lease_until=now + self.lease_s)
+            )
+        return Batch(row["id"], row["tick_id"], row["persona_id"], row["kind"], row["body"], row["rows"])
+
+    async def pending_batches(self) -> list[Batch]:
+        """Every unsent batch, whatever its backoff or lease (tests and tools)."""
+        async with self._engine.connect() as conn:
+            rows = (
+                (await conn.execute(sa.select(batches).where(batches.c.state.in_(UNSENT)).order_by(batches.c.id)))
                 .mappings()
                 .all()
             )
         return [Batch(r["id"], r["tick_id"], r["persona_id"], r["kind"], r["body"], r["rows"]) for r in rows]
 
-    async def pending_batches(self) -> list[Batch]:
-        """Every unsent batch, whatever its backoff (tests and tools)."""
-        return await self.due_batches(float("inf"), limit=1_000_000)
+    async def mark_batch(self, batch_id: int, state: BatchState, error: str | None) -> None:
+        """Record one attempt that ended the batch's wait: delivered or refused.
 
-    async def mark_batch(
-        self,
-        batch_id: int,
-        state: BatchState,
-        error: str | None,
-        now: float,
-    ) -> None:
-        """Record one attempt that ended the batch's wait: delivered or refused."""
+        Only an unsent batch changes: a slow sender whose lease ran out while another replica
+        delivered the same batch must not turn it back into anything else.
+        """
         async with self._write() as conn:
+            now = await self._now(conn)
             await conn.execute(
                 batches.update()
-                .where(batches.c.id == batch_id)
+                .where(batches.c.id == batch_id, batches.c.state.in_(UNSENT))
                 .values(
                     state=state,
                     attempts=batches.c.attempts + 1,
                     last_error=None if error is None else clean_text(error, 500),
                     delivered_at=now if state == "delivered" else None,
                     next_attempt_at=None,
+                    lease_owner=None,
+                    lease_until=None,
                 )
             )
 
     async def fail_batch(
-        self, batch_id: int, error: str, now: float, schedule: Callable[[int], tuple[BatchState, float]]
+        self, batch_id: int, error: str, schedule: Callable[[int], tuple[BatchState, float]]
     ) -> tuple[int, BatchState, float, bool]:
-        """Count a failed attempt and set the batch's own next attempt from `schedule(attempts)`.
+        """Count a failed attempt and set the batch's own next attempt, `schedule(attempts)` -> (state, wait s).
 
-        Returns the attempts, the new state and time, and whether the batch has just been parked.
+        Returns the attempts, the new state, the wait, and whether the batch has just been parked.
         """
         async with self._write() as conn:
+            now = await self._now(conn)
             before = (
-                await conn.execute(sa.select(batches.c.attempts, batches.c.state).where(batches.c.id == batch_id))
+                await conn.execute(
+                    sa.select(batches.c.attempts, batches.c.state).where(
+                        batches.c.id == batch_id, batches.c.state.in_(UNSENT)
+                    )
+                )
             ).first()
-            attempts = 1 + int(before.attempts if before else 0)
-            state, at = schedule(attempts)
-            newly_parked = state == "parked" and (before is None or before.state != "parked")
+            if before is None:  # delivered or refused meanwhile by another replica
+                return 0, "delivered", 0.0, False
+            attempts = 1 + int(before.attempts)
+            state, wait_s = schedule(attempts)
             await conn.execute(
                 batches.update()
                 .where(batches.c.id == batch_id)
-                .values(state=state, attempts=attempts, last_error=clean_text(error, 500), next_attempt_at=at)
+                .values(
+                    state=state,
+                    attempts=attempts,
+                    last_error=clean_text(error, 500),
+                    next_attempt_at=now + wait_s,
+                    lease_owner=None,
+                    lease_until=None,
+                )
             )
-            return attempts, state, at, newly_parked
+            return attempts, state, wait_s, state == "parked" and before.state != "parked"
 
     async def requeue(self, states: tuple[str, ...] = ("refused", "parked")) -> int:
         """Operator's re-drive: these batches go back to pending, due now, with a fresh count."""
@@ -663,8 +740,8 @@ class Journal:
             )
             return int(count or 0)
 
-    async def prune(self, before: float) -> int:
-        """Forget ticks sealed before `before` whose every batch the API accepted.
+    async def prune(self, older_than_s: float) -> int:
+        """Forget ticks sealed more than `older_than_s` ago whose every batch the API accepted.
 
         Keeps the journal's size flat over weeks. A tick with an unsent or refused batch stays:
         its rows are not safe anywhere else yet. Claims only ever look at the current window,
@@ -674,6 +751,7 @@ class Journal:
         total = 0
         while True:
             async with self._write() as conn:
+                before = await self._now(conn) - older_than_s
                 unfinished = sa.select(batches.c.tick_id).where(batches.c.state != "delivered")
                 old = (
                     (
@@ -698,11 +776,11 @@ class Journal:
             await asyncio.sleep(0)  # let ticks waiting for the write lock in between chunks
 
     async def writable(self) -> bool:
-        """For /ready: a real write transaction, not just an open file."""
+        """For /ready: a real write transaction, not just an open connection."""
         async with self._write() as conn:
-            await conn.execute(sa.text("CREATE TABLE IF NOT EXISTS ready_probe (at REAL)"))
-            await conn.execute(sa.text("DELETE FROM ready_probe"))
-            await conn.execute(sa.text("INSERT INTO ready_probe (at) VALUES (:at)"), {"at": time.time()})
+            now = await self._now(conn)
+            await conn.execute(ready_probe.delete())
+            await conn.execute(ready_probe.insert().values(at=now))
         return True
 
     async def tick_state(self, tick_id: str) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from dataclasses import dataclass
 
 from runner import metrics
@@ -51,12 +50,12 @@ class OutboxPolicy:
     park_after: int = 12
     parked_retry_s: float = 1800.0
 
-    def next_attempt(self, attempts: int, now: float) -> tuple[BatchState, float]:
-        """(state, when) after the `attempts`-th failure: backoff with jitter, then the slow schedule."""
+    def next_attempt(self, attempts: int) -> tuple[BatchState, float]:
+        """(state, wait in s) after the `attempts`-th failure: backoff with jitter, then the slow schedule."""
         if attempts >= self.park_after:
-            return "parked", now + self.parked_retry_s
+            return "parked", self.parked_retry_s
         ceiling = min(self.retry_max_s, self.retry_base_s * 2 ** (attempts - 1))
-        return "pending", now + random.uniform(ceiling / 2, ceiling)
+        return "pending", random.uniform(ceiling / 2, ceiling)
 
 
 class Outbox:
@@ -91,21 +90,22 @@ class Outbox:
                 log.exception("delivery sweep crashed", error=str(exc))
 
     async def deliver(self) -> int:
-        """One sweep over the batches that are due; returns how many are still unsent afterwards."""
+        """One sweep over the batches that are due; returns how many are still unsent afterwards.
+
+        Batches are taken one at a time with a delivery lease, so replicas sharing a journal
+        sweep side by side without sending the same batch twice.
+        """
         async with self._lock:
             after, failures_in_a_row = 0, 0
             while failures_in_a_row < _SWEEP_FAILURE_LIMIT:
-                due = await self._journal.due_batches(time.time(), after_id=after)
-                if not due:
+                batch = await self._journal.take_batch(after_id=after)
+                if batch is None:
                     break
-                for batch in due:
-                    after = batch.id
-                    if await self._send(batch):
-                        failures_in_a_row = 0
-                    else:
-                        failures_in_a_row += 1
-                        if failures_in_a_row >= _SWEEP_FAILURE_LIMIT:
-                            break
+                after = batch.id
+                if await self._send(batch):
+                    failures_in_a_row = 0
+                else:
+                    failures_in_a_row += 1
             await self.publish()
             return await self._journal.backlog()
 
@@ -122,7 +122,7 @@ class Outbox:
             await self._api.post_batch(batch.persona_id, batch.kind, batch.body)
         except ApiError as exc:
             if is_refusal(exc):
-                await self._journal.mark_batch(batch.id, "refused", str(exc), time.time())
+                await self._journal.mark_batch(batch.id, "refused", str(exc))
                 metrics.BATCHES_REFUSED.labels(kind=batch.kind).inc()
                 log.error(
                     "batch refused by the API; kept, re-send with `python -m runner outbox --retry`",
@@ -136,17 +136,18 @@ class Outbox:
         except ManaError as exc:
             await self._failed(batch, exc)
             return False
-        await self._journal.mark_batch(batch.id, "delivered", None, time.time())
+        await self._journal.mark_batch(batch.id, "delivered", None)
         metrics.ROWS_DELIVERED.labels(kind=batch.kind).inc(batch.rows)
         log.info("batch delivered", batch=batch.id, kind=batch.kind, rows=batch.rows, tick_id=batch.tick_id)
         return True
 
     async def _failed(self, batch: Batch, exc: Exception) -> None:
         metrics.ERRORS.labels(stage="deliver").inc()
-        now = time.time()
-        attempts, state, at, newly_parked = await self._journal.fail_batch(
-            batch.id, str(exc), now, lambda n: self._policy.next_attempt(n, now)
+        attempts, state, wait_s, newly_parked = await self._journal.fail_batch(
+            batch.id, str(exc), self._policy.next_attempt
         )
+        if attempts == 0:
+            return  # another replica delivered or refused it meanwhile
         if state == "parked":
             if newly_parked:
                 metrics.BATCHES_PARKED.labels(kind=batch.kind).inc()
@@ -155,7 +156,7 @@ class Outbox:
                 batch=batch.id,
                 kind=batch.kind,
                 attempts=attempts,
-                retry_in_s=round(at - now),
+                retry_in_s=round(wait_s),
                 error=str(exc),
             )
         else:
@@ -163,6 +164,6 @@ class Outbox:
                 "batch not delivered, will retry",
                 batch=batch.id,
                 attempts=attempts,
-                retry_in_s=round(at - now),
+                retry_in_s=round(wait_s),
                 error=str(exc),
             )

@@ -49,7 +49,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     # Whoever builds a runtime gets redaction of its secrets in everything it logs, stores or serves.
     for secret in settings.secrets():
         register_secret(secret)
-    journal = await Journal.open(settings.runner_state_path)
+    journal = await Journal.open(settings.journal_location, lease_s=settings.runner_lease_s)
     policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
     timeout = httpx.Timeout(30.0, connect=10.0)
     anthropic: AsyncAnthropic | None = None
@@ -195,7 +195,7 @@ class Dispatcher:
         if now - self._pruned_at < PRUNE_EVERY_S:
             return
         self._pruned_at = now
-        pruned = await self._rt.journal.prune(now - self._rt.settings.runner_retention_days * 86_400)
+        pruned = await self._rt.journal.prune(self._rt.settings.runner_retention_days * 86_400)
         if pruned:
             log.info("journal pruned", ticks=pruned)
 
@@ -206,7 +206,7 @@ class Dispatcher:
             try:
                 window = tick_window(persona.tick_cadence, server_time)
                 tid = tick_id(persona.user_id, window)
-                claim = await self._rt.journal.claim(persona.user_id, window, tid, time.time())
+                claim = await self._rt.journal.claim(persona.user_id, window, tid)
                 if claim is None:
                     return  # done in this window, or waiting for its retry time
                 if self.claimed is not None:
@@ -239,7 +239,7 @@ class Dispatcher:
 
 
 async def recover(runtime: Runtime) -> None:
-    interrupted = await runtime.journal.recover(time.time())
+    interrupted = await runtime.journal.recover()
     if interrupted:
         metrics.TICKS.labels(outcome="interrupted").inc(len(interrupted))
         log.warning("closed ticks a previous run left open", ticks=len(interrupted))

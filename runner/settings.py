@@ -10,6 +10,7 @@ from typing import Literal
 import httpx
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from runner.agent.policy import ToolPolicy, parse_patterns
 from runner.persona import DEV_SEED_SECRET
@@ -43,6 +44,8 @@ class Settings(BaseSettings):
     llm_provider: Literal["anthropic", "scripted"] = "anthropic"
     llm_max_tokens: int = Field(default=1024, ge=64, le=8192)
     scripted_seed: str = "mana"
+    # Median think time per turn of the scripted player (heavy-tailed), for benchmarks and tests.
+    scripted_latency_ms: float = Field(default=0, ge=0, le=60_000)
     # Comma-separated globs on dotted tool names (`todo.*,comic.generate*`); see runner/agent/policy.py.
     persona_tools_allow: str = ""
     persona_tools_deny: str = ""
@@ -79,6 +82,11 @@ class Settings(BaseSettings):
     # /diag/login and /diag/tick act on Mana; off unless asked for, never in production.
     runner_diag: bool = False
     runner_state_path: Path = Path("state/runner.db")
+    # A PostgreSQL journal shared by every replica (postgresql+asyncpg://user:pass@host:5432/db);
+    # unset: the SQLite file above, for one process. It may hold a password: a secret.
+    runner_state_url: SecretStr | None = None
+    # How long a replica's claim on a running tick (and on a batch it sends) holds without renewal.
+    runner_lease_s: float = Field(default=60, ge=1, le=3600)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -109,6 +117,27 @@ class Settings(BaseSettings):
             if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
                 raise ValueError("must be an IP address or a host name") from None
         return value
+
+    @field_validator("runner_state_url")
+    @classmethod
+    def _state_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        try:
+            url = make_url(value.get_secret_value())
+        except Exception:  # noqa: BLE001 - SQLAlchemy raises several types; never echo the value
+            raise ValueError("not a database URL, expected postgresql+asyncpg://user:password@host:5432/db") from None
+        if url.drivername in ("postgresql", "postgres"):
+            # The libpq-style URL most deployments already have: same server, through asyncpg.
+            url = url.set(drivername="postgresql+asyncpg")
+        if url.drivername != "postgresql+asyncpg":
+            raise ValueError(
+                f"driver {url.drivername!r} is not supported: use postgresql+asyncpg:// "
+                "(or unset it and use RUNNER_STATE_PATH for SQLite)"
+            )
+        if not url.host or not url.database:
+            raise ValueError("needs a host and a database name, e.g. postgresql+asyncpg://runner@db:5432/runner")
+        return SecretStr(url.render_as_string(hide_password=False))
 
     @field_validator("mana_service_key", "anthropic_api_key")
     @classmethod
@@ -164,10 +193,20 @@ class Settings(BaseSettings):
     def tool_policy(self) -> ToolPolicy:
         return ToolPolicy.from_settings(self.persona_tools_allow, self.persona_tools_deny)
 
+    @property
+    def journal_location(self) -> Path | str:
+        """Where the journal lives: the PostgreSQL URL when set, else the SQLite file."""
+        return self.runner_state_url.get_secret_value() if self.runner_state_url else self.runner_state_path
+
     def secrets(self) -> list[str]:
         """Values that must never reach a log line, an error or a metric."""
         values = [self.mana_service_key, self.anthropic_api_key, self.persona_seed_secret]
-        return [v.get_secret_value() for v in values if v.get_secret_value()]
+        found = [v.get_secret_value() for v in values if v.get_secret_value()]
+        if self.runner_state_url is not None:
+            password = make_url(self.runner_state_url.get_secret_value()).password
+            if password:
+                found.append(str(password))
+        return found
 
 
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*")

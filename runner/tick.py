@@ -117,7 +117,8 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         _stage(progress, "seal")
         # A quiet day still leaves a row: without one the persona stays due and runs at every poll.
         tick_row = None if progress.play.calls else ActionRow(TICK_ROW, "ok")
-        await deps.journal.seal(claim.tick_id, "ok", tick_row, time.time())
+        if not await deps.journal.seal(claim.tick_id, "ok", tick_row):
+            return _lease_lost(claim, started)
         log.info("tick done", calls=progress.play.calls, modules=modules)
         return _finish("ok", started)
     except TimeoutError:
@@ -163,7 +164,7 @@ async def _failed(deps: TickDeps, claim: Claim, progress: _Progress, exc: Except
         retry_in = deps.config.retry_base_s * 2 ** (claim.attempt - 1)
         if isinstance(exc, ApiError) and exc.retry_after is not None:
             retry_in = max(retry_in, exc.retry_after)  # a 429's Retry-After: come back no sooner
-        await deps.journal.defer(claim.tick_id, reason, time.time() + retry_in, time.time())
+        await deps.journal.defer(claim.tick_id, reason, retry_in)
         log.warning("tick deferred", error=reason, attempt=claim.attempt, retry_in_s=retry_in)
         return _finish("deferred", started)
     return await _fail(deps, claim, progress, "failed", reason, started)
@@ -204,7 +205,7 @@ async def _blocking_wrong_password(
         yield
     except ApiError as exc:
         if is_wrong_password(exc):
-            await journal.block_login(user_id or email, config.secret_fingerprint, str(exc), time.time(), email=email)
+            await journal.block_login(user_id or email, config.secret_fingerprint, str(exc), email=email)
         raise
 
 
@@ -232,7 +233,7 @@ async def _login_and_space(
 ) -> tuple[Login, Space]:
     """The JWT and the personal space; a space remembered in the journal costs no second sign-in."""
     password = await _password(config, journal, email, user_id)
-    known = await journal.known_space(user_id, time.time() - config.space_recheck_s) if user_id else None
+    known = await journal.known_space(user_id, config.space_recheck_s) if user_id else None
     space = Space(known, "journal") if known is not None else None
     async with _blocking_wrong_password(config, journal, email, user_id):
         if space is None and auth.bearer_accepted is False:
@@ -245,7 +246,7 @@ async def _login_and_space(
             _stage(progress, "spaces")
             space = await auth.personal_space(login, email, password, waiting=progress.login_wait)
     if user_id and space.via != "journal":
-        await journal.remember_space(user_id, space.id, time.time())
+        await journal.remember_space(user_id, space.id)
     return login, space
 
 
@@ -297,7 +298,7 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     """The persona's day; returns the modules it used (empty for a quiet day)."""
     config = deps.config
     login, space = await _login_and_space(config, deps.auth, deps.journal, persona.email, persona.user_id, progress)
-    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, space.id, space.via, time.time())
+    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, space.id, space.via)
 
     _stage(progress, "mcp")
     progress.gateway = _gateway(
@@ -438,11 +439,19 @@ async def _fail(
     deps: TickDeps, claim: Claim, progress: _Progress, outcome: Outcome, reason: str, started: float
 ) -> Outcome:
     metrics_usage(progress.play)
-    await deps.journal.seal(
-        claim.tick_id, outcome, ActionRow(TICK_ROW, "error", error_message=error_message(reason)), time.time()
-    )
+    if not await deps.journal.seal(
+        claim.tick_id, outcome, ActionRow(TICK_ROW, "error", error_message=error_message(reason))
+    ):
+        return _lease_lost(claim, started)
     log.warning("tick ended with an error", outcome=outcome, error=reason, calls=progress.play.calls)
     return _finish(outcome, started)
+
+
+def _lease_lost(claim: Claim, started: float) -> Outcome:
+    # This replica stalled past its lease and another one sealed the tick as interrupted, with
+    # every call journaled until then: nothing is lost, and this replica adds nothing more.
+    log.warning("tick taken over: its lease ran out and another replica sealed it", tick_id=claim.tick_id)
+    return _finish("interrupted", started)
 
 
 def _finish(outcome: Outcome, started: float) -> Outcome:

@@ -153,7 +153,7 @@ async def test_a_refused_gateway_forgets_the_space_and_the_next_tick_looks_it_up
     await _once(settings)
     journal = await Journal.open(settings.runner_state_path)
     try:
-        assert await journal.known_space(persona["userId"], 0) is not None
+        assert await journal.known_space(persona["userId"], max_age_s=86_400) is not None
     finally:
         await journal.close()
 
@@ -163,7 +163,7 @@ async def test_a_refused_gateway_forgets_the_space_and_the_next_tick_looks_it_up
     await _once(settings)
     journal = await Journal.open(settings.runner_state_path)
     try:
-        assert await journal.known_space(persona["userId"], 0) is None
+        assert await journal.known_space(persona["userId"], max_age_s=86_400) is None
     finally:
         await journal.close()
 
@@ -179,13 +179,14 @@ async def test_a_refused_gateway_forgets_the_space_and_the_next_tick_looks_it_up
 async def test_journal_remembers_forgets_and_ages_spaces(tmp_path: Path) -> None:
     journal = await Journal.open(tmp_path / "j.db")
     try:
-        await journal.remember_space("p1", "HWItnb7UXVoiKyH9EgP9FTXXR4osEPfe", now=1000.0)
-        assert await journal.known_space("p1", resolved_after=999.0) == "HWItnb7UXVoiKyH9EgP9FTXXR4osEPfe"
-        assert await journal.known_space("p1", resolved_after=1000.0) is None  # too old: look it up again
-        await journal.remember_space("p1", "other", now=2000.0)
-        assert await journal.known_space("p1", resolved_after=0) == "other"
+        await journal.remember_space("p1", "HWItnb7UXVoiKyH9EgP9FTXXR4osEPfe")
+        assert await journal.known_space("p1", max_age_s=60) == "HWItnb7UXVoiKyH9EgP9FTXXR4osEPfe"
+        await asyncio.sleep(0.3)
+        assert await journal.known_space("p1", max_age_s=0.2) is None  # too old: look it up again
+        await journal.remember_space("p1", "other")
+        assert await journal.known_space("p1", max_age_s=60) == "other"
         await journal.forget_space("p1")
-        assert await journal.known_space("p1", resolved_after=0) is None
+        assert await journal.known_space("p1", max_age_s=60) is None
     finally:
         await journal.close()
 

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from asyncio.subprocess import PIPE
 from collections import Counter
 from dataclasses import replace
@@ -78,7 +77,7 @@ async def _tick(
         deps = (
             runtime.tick_deps if provider is None else replace(runtime.tick_deps, make_provider=lambda p, t: provider)
         )
-        claim = await runtime.journal.claim(persona.user_id, "2026-11-25", tid, time.time())
+        claim = await runtime.journal.claim(persona.user_id, "2026-11-25", tid)
         assert claim is not None
         outcome = await run_tick(deps, persona, claim)
         assert await runtime.outbox.flush() == 0
@@ -132,7 +131,7 @@ async def test_a_shutdown_is_still_recorded_as_interrupted(mana: Mana, tmp_path:
         settings = mana.settings(tmp_path, mana_mcp_url=server.url)
         async with open_runtime(settings) as runtime:
             deps = replace(runtime.tick_deps, make_provider=lambda p, t: script)
-            claim = await runtime.journal.claim(persona.user_id, "2026-11-25", "t-stop", time.time())
+            claim = await runtime.journal.claim(persona.user_id, "2026-11-25", "t-stop")
             assert claim is not None
             task = asyncio.create_task(run_tick(deps, persona, claim))
             while len(server.calls()) < (2 if slow else 1):

@@ -10,7 +10,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -60,8 +59,8 @@ async def _seal_first(settings: Settings, persona_id: str) -> None:
     journal = await Journal.open(settings.runner_state_path)
     try:
         tid = tick_id(persona_id, window)
-        assert await journal.claim(persona_id, window, tid, time.time())
-        await journal.seal(tid, "ok", ActionRow(TICK_ROW, "ok"), time.time())
+        assert await journal.claim(persona_id, window, tid)
+        assert await journal.seal(tid, "ok", ActionRow(TICK_ROW, "ok"))
     finally:
         await journal.close()
 
@@ -226,11 +225,11 @@ async def test_rows_with_nul_surrogates_and_controls_are_frozen_clean(tmp_path: 
     journal = await Journal.open(tmp_path / "j.db")
     try:
         tid = "t-1"
-        assert await journal.claim("p-1", "2026-11-25", tid, 1.0)
+        assert await journal.claim("p-1", "2026-11-25", tid)
         await journal.begin_call(tid, 0, "todo.create\x00\ud800", "abcd")
         await journal.end_call(tid, 0, False, "bad\x00 value \udcff\x1b[31m here", 5)
         await journal.save_ratings(tid, [FeedbackRow("todo", 3, "note\x00\ud83d")])
-        await journal.seal(tid, "ok", None, 2.0)
+        assert await journal.seal(tid, "ok", None)
         bodies = [b.body for b in await journal.pending_batches()]
     finally:
         await journal.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -306,20 +307,24 @@ def test_redaction_removes_registered_secrets_longest_first_and_any_jwt() -> Non
 async def test_prune_forgets_only_ticks_whose_rows_all_landed(tmp_path: Path) -> None:
     from runner.journal import Journal
 
-    journal = await Journal.open(tmp_path / "j.db")
+    path = tmp_path / "j.db"
+    journal = await Journal.open(path)
     try:
         for tick in ("landed", "pending", "fresh"):
-            assert await journal.claim(f"p-{tick}", "2026-11-20", tick, now=100.0)
+            assert await journal.claim(f"p-{tick}", "2026-11-20", tick)
             await journal.begin_call(tick, 0, "todo.create", "0123456789abcdef")
             await journal.end_call(tick, 0, True, None, 5)
-            await journal.seal(tick, "ok", None, now=1000.0 if tick == "fresh" else 100.0)
+            assert await journal.seal(tick, "ok", None)
         for batch in await journal.pending_batches():
             if batch.tick_id != "pending":
-                await journal.mark_batch(batch.id, "delivered", None, now=200.0)
-        assert await journal.prune(before=500.0) == 1
+                await journal.mark_batch(batch.id, "delivered", None)
+        # Seal times come from the database's clock: age two ticks by an hour, as time would.
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE ticks SET updated_at = updated_at - 3600 WHERE tick_id IN ('landed', 'pending')")
+        assert await journal.prune(older_than_s=1800) == 1
         assert await journal.tick_state("landed") is None
         assert await journal.tick_state("pending") is not None and await journal.tick_state("fresh") is not None
         assert [b.tick_id for b in await journal.pending_batches()] == ["pending"]
-        assert await journal.claim("p-landed", "2026-11-20", "landed", now=600.0) is not None  # old window: harmless
+        assert await journal.claim("p-landed", "2026-11-20", "landed") is not None  # old window: harmless
     finally:
         await journal.close()

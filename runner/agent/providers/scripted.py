@@ -5,25 +5,42 @@ tool's JSON schema (runner.agent.arguments), and rates what it used by how it we
 cannot know (a todo to complete) come from this tick's earlier results; a tool that needs
 one not seen yet is passed over for that turn. The demo and most tests run on it, and it
 smoke-tests the whole MCP surface at zero cost.
+
+`latency_ms` makes it think like a model: before each turn and each rating it waits a seeded,
+heavy-tailed (log-normal) time with that median, so benchmarks and replica tests see ticks
+that last seconds and vary as Claude's do, rather than a CPU race.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from runner.agent.arguments import IdPool, generate
 from runner.agent.loop import Entry, RatingReply, Results, ToolCall, ToolDef, Turn
 from runner.persona import module_of
 
+LATENCY_SIGMA = 1.0
+
 
 class ScriptedProvider:
-    def __init__(self, seed: str, module_mix: dict[str, float]) -> None:
+    def __init__(self, seed: str, module_mix: dict[str, float], latency_ms: float = 0.0) -> None:
         self._rng = random.Random(seed)
         self._mix = module_mix
         self._budget = self._rng.randint(3, 8)
         self._ids = 0
+        # Its own stream: the same seed plays the same day with or without latency.
+        self._latency_rng = random.Random(f"{seed}:latency")
+        self._latency_s = latency_ms / 1000
+
+    async def _think(self) -> None:
+        if self._latency_s > 0:
+            # sigma 1: the slowest 1% of turns take about ten times the median, capped at twenty.
+            factor = min(self._latency_rng.lognormvariate(0.0, LATENCY_SIGMA), 20.0)
+            await asyncio.sleep(self._latency_s * factor)
 
     async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
+        await self._think()
         done = sum(len(e.calls) for e in transcript if isinstance(e, Turn))
         left = self._budget - done
         if left <= 0 or not tools:
@@ -39,6 +56,7 @@ class ScriptedProvider:
     async def rate(
         self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]
     ) -> RatingReply:
+        await self._think()
         outcomes: dict[str, list[bool]] = {}
         names = {c.id: c.name for e in transcript if isinstance(e, Turn) for c in e.calls}
         for entry in transcript:

@@ -16,7 +16,14 @@ Settings trade durability for speed (``fsync=off`` and friends): the data is thr
 the run, and a crash of the machine is not a case these servers must survive.
 
 Usable from pytest (``tests/conftest.py``) and, with the repository root on ``sys.path``, from
-bench scripts: ``from tests.pg import start_postgres``. ``tests/`` deliberately has no
+bench scripts, ``from tests.pg import start_postgres``::
+
+    base = Path(tempfile.mkdtemp())
+    with start_postgres(base) as pg:   # stopped on leaving the block (and at exit, if never stopped)
+        url = pg.create_database()     # postgresql+asyncpg://postgres@127.0.0.1:PORT/t_<hex>
+    shutil.rmtree(base)
+
+``tests/`` deliberately has no
 ``__init__.py``: with one, pytest would put the repository root instead of ``tests/`` on
 ``sys.path`` and the suite's ``from procs import ...`` would break.
 """
@@ -24,6 +31,7 @@ bench scripts: ``from tests.pg import start_postgres``. ``tests/`` deliberately 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -97,12 +105,15 @@ class _RunAs:
         try:
             entry = pwd.getpwnam(SYSTEM_USER_WHEN_ROOT)
         except KeyError:
-            done = subprocess.run(
-                ["useradd", "--system", "--user-group", "--no-create-home", SYSTEM_USER_WHEN_ROOT],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            try:
+                done = subprocess.run(
+                    ["useradd", "--system", "--user-group", "--no-create-home", SYSTEM_USER_WHEN_ROOT],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+            except OSError as error:
+                raise PgStartError(f"cannot add the account {SYSTEM_USER_WHEN_ROOT}: {error}") from None
             # Another process may have added it meanwhile (exit 9: the name is taken): that is fine too.
             if done.returncode not in (0, 9):
                 raise PgStartError(f"useradd {SYSTEM_USER_WHEN_ROOT} failed: {_one_line(done.stderr)}") from None
@@ -242,7 +253,10 @@ def start_postgres(
 
     initdb = [str(binaries / "initdb"), "-D", str(data_dir), "-U", SUPERUSER, "--auth=trust"]
     initdb += ["--encoding=UTF8", "--no-locale", "--no-sync", "--no-instructions"]
-    done = run_as.run(initdb, base_dir, START_TIMEOUT_S)
+    try:
+        done = run_as.run(initdb, base_dir, START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise PgStartError(f"initdb in {data_dir} did not finish within {START_TIMEOUT_S}s") from None
     if done.returncode != 0:
         raise PgStartError(f"initdb failed in {data_dir}: {_one_line(done.stderr)}")
     with (data_dir / "postgresql.conf").open("a") as conf:
@@ -275,6 +289,9 @@ def _pg_ctl_start(data_dir: Path, binaries: Path, run_as: _RunAs, port: int | No
         if done.returncode == 0:
             return server
         log = server.log_path.read_text(errors="replace") if server.log_path.exists() else done.stderr
+        # pg_ctl gave up waiting, yet a slow postmaster may still come up: never leave one behind.
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            server.stop()
         if attempt == 1 and port is None and "could not bind" in log:
             server.log_path.rename(data_dir / f"server.log.port-{server.port}-taken")
             continue

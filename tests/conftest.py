@@ -93,3 +93,37 @@ async def mana(tmp_path: Path) -> AsyncIterator[Mana]:
         world = Mana(sandbox, config, control)
         await world.post("clock", {"now": WEEKDAY})
         yield world
+
+
+# --- A real PostgreSQL server (tests/pg.py), started only when a test asks for it -------------
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+from pg import PgServer, start_postgres  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgServer]:
+    """One server for the whole session. If it cannot start, every test using it errors: never a skip.
+
+    Its base directory is a fresh one in the system temp dir, not pytest's: pytest makes its own
+    basetemp owner-only at each session start, which, as root, would lock the server's own account
+    (see tests/pg.py) out of a data directory that a concurrent session is still using.
+    """
+    base_dir = Path(tempfile.mkdtemp(prefix="persona-pg-"))
+    try:
+        server = start_postgres(base_dir)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg: PgServer) -> str:
+    """A fresh empty database on the session's server, as a ``postgresql+asyncpg://`` URL."""
+    return pg.create_database()

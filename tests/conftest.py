@@ -18,19 +18,29 @@ async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
 # --- The sandbox in-process, and settings pointing the runner at it ---------------------------
 
 import dataclasses  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 from procs import MCP_SURFACE  # noqa: E402
 
+from runner.runtime import Runtime, open_runtime, provider_factory  # noqa: E402
 from runner.sandbox import Sandbox, SandboxConfig  # noqa: E402
 from runner.settings import Settings, load_settings  # noqa: E402
+from runner.tick import ProviderFactory  # noqa: E402
 
 # A Wednesday: `weekdays` personas are due, whatever day the suite runs on.
 WEEKDAY = "2026-11-25T09:30:00+00:00"
 SEED_SECRET = "contract-seed-secret"
 SERVICE_KEY = "contract-service-key"
+
+
+@asynccontextmanager
+async def open_runner(settings: Settings, make_provider: ProviderFactory | None = None) -> AsyncIterator[Runtime]:
+    """The runtime as `once` and the daemon wire it (the model the settings choose), or with the test's own player."""
+    async with provider_factory(settings) as chosen, open_runtime(settings, make_provider or chosen) as runtime:
+        yield runtime
 
 
 @dataclasses.dataclass

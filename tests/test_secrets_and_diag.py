@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SERVICE_KEY, Mana, open_runner
+from conftest import SERVICE_KEY, Mana, open_runner, serving
 from fault_proxy import FaultProxy
-from procs import runner_env, start_runner, start_sandbox
+from procs import free_port
 from starlette.responses import JSONResponse, Response
 
 from runner.dispatch import Dispatcher, run_once
@@ -168,26 +168,18 @@ def _listening(port: int) -> set[str]:
 
 
 async def test_the_http_face_listens_on_loopback_unless_told_otherwise(tmp_path: Path) -> None:
-    sandbox = start_sandbox(tmp_path, seed_secret="bind-seed-123456", service_key="bind-key-123456")
-    try:
-        env = runner_env(sandbox, tmp_path / "runner.db", RUNNER_PAUSED="true")
-        env.pop("HTTP_HOST", None)
-        runner = start_runner(env, tmp_path / "runner.log")
-        try:
-            runner.wait_healthy()
-            assert _listening(runner.port) == {"0100007F"}  # 127.0.0.1, little-endian hex
-            assert runner.terminate() == 0
-        finally:
-            if runner.proc.poll() is None:
-                runner.kill()
-        env["HTTP_HOST"] = "0.0.0.0"
-        runner = start_runner(env, tmp_path / "runner2.log")
-        try:
-            runner.wait_healthy()
-            assert _listening(runner.port) == {"00000000"}
-            assert runner.terminate() == 0
-        finally:
-            if runner.proc.poll() is None:
-                runner.kill()
-    finally:
-        sandbox.stop()
+    # Paused: the daemon talks to no Mana, so none needs to be there.
+    values = dict(
+        mana_api_url="http://127.0.0.1:9",
+        mana_auth_url="http://127.0.0.1:9",
+        mana_mcp_url="http://127.0.0.1:9",
+        llm_provider="scripted",
+        runner_paused=True,
+        runner_state_path=tmp_path / "runner.db",
+    )
+    async with serving(load_settings(**values, port=free_port())) as url:
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{url}/health")).json()["paused"] is True
+        assert _listening(int(url.rsplit(":", 1)[1])) == {"0100007F"}  # 127.0.0.1, little-endian hex
+    async with serving(load_settings(**values, port=free_port(), http_host="0.0.0.0")) as url:
+        assert _listening(int(url.rsplit(":", 1)[1])) == {"00000000"}

@@ -16,7 +16,7 @@ own peak RSS, no shared Prometheus/secret state). The worker:
    due list is exactly the N bench personas) and sets its clock to a Wednesday;
 2. creates N personas through POST /__sandbox/personas;
 3. times GET /due on its own (3 times, median);
-4. runs ONE round: ``open_runtime(load_settings(llm_provider="scripted", ...))`` + ``run_once``
+4. runs ONE round: ``open_runtime(settings, <provider_factory(settings)>)`` + ``run_once``
    with the scripted provider (3-8 tool calls per tick);
 5. reads the journal and the sandbox, and asserts that every journaled row landed
    (actions and feedback), every tool call the journal recorded reached mana-mcp, and the
@@ -116,7 +116,7 @@ class PhaseTimer:
 
 
 def install_phase_timers() -> PhaseTimer:
-    import runner.scheduler as scheduler
+    import runner.dispatch as dispatch
     from runner.journal import Journal
     from runner.mana.auth import AuthClient
     from runner.mana.mcp import McpGateway
@@ -124,7 +124,7 @@ def install_phase_timers() -> PhaseTimer:
     from runner.outbox import Outbox
 
     timer = PhaseTimer()
-    timer.wrap(scheduler, "run_tick", "tick (run_tick)")
+    timer.wrap(dispatch, "run_tick", "tick (run_tick)")
     timer.wrap(PersonasApi, "due", "GET /due (runner)")
     timer.wrap(AuthClient, "login", "login")
     timer.wrap(AuthClient, "personal_space", "personal space")
@@ -309,8 +309,9 @@ async def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import httpx
 
     from runner import log
+    from runner.dispatch import run_once
+    from runner.runtime import open_runtime, provider_factory
     from runner.sandbox import Sandbox, SandboxConfig
-    from runner.scheduler import open_runtime, run_once
     from runner.settings import load_settings
 
     log.configure("console", "warning")
@@ -391,7 +392,7 @@ async def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         child_cpu0 = proc_cpu_s(sandbox.proc.pid) if cfg["sandbox"] == "process" else 0.0
         profiler = cProfile.Profile() if cfg["profile"] else None
-        async with open_runtime(settings) as runtime:
+        async with provider_factory(settings) as make, open_runtime(settings, make) as runtime:
             steal0 = cpu_steal_jiffies()
             cpu0, main0, t0 = cpu_s(), time.thread_time(), time.perf_counter()
             if profiler:

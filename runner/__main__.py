@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -21,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import log
-from runner.journal import Journal, JournalError
 from runner.mana.errors import ManaError
 from runner.persona import DEV_SEED_SECRET, derive_password
 from runner.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from runner.journal import Journal
     from runner.mana.auth import AuthClient
     from runner.tick import TickConfig
 
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(coro: Any) -> int:
+    # Imported by the commands that use it: SQLAlchemy is most of the start-up of `--help` or a bad setting.
+    from runner.journal import JournalError
+
     try:
         return int(asyncio.run(coro))
     except KeyboardInterrupt:
@@ -97,20 +101,32 @@ class _Fatal(Exception):
 
 
 async def _serve(settings: Settings) -> int:
-    from runner.scheduler import open_runtime, serve
+    from runner.daemon import serve
+    from runner.dispatch import Dispatcher
+    from runner.runtime import open_runtime, provider_factory
 
     try:
-        async with open_runtime(settings) as runtime:
-            await serve(runtime)
+        async with provider_factory(settings) as make_provider, open_runtime(settings, make_provider) as runtime:
+            dispatcher = Dispatcher(runtime)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            # TERM and INT drain; no configuration reload exists, so a HUP (a closed terminal, a
+            # supervisor's habit) drains too. USR1/USR2 pause and resume polling.
+            for stopping in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(stopping, stop.set)
+            loop.add_signal_handler(signal.SIGUSR1, dispatcher.set_paused, True)
+            loop.add_signal_handler(signal.SIGUSR2, dispatcher.set_paused, False)
+            await serve(runtime, stop, dispatcher)
     except OSError as exc:
         raise _Fatal(f"cannot start: {exc.strerror or exc}") from None
     return 0
 
 
 async def _once(settings: Settings) -> int:
-    from runner.scheduler import PollError, open_runtime, run_once
+    from runner.dispatch import PollError, run_once
+    from runner.runtime import open_runtime, provider_factory
 
-    async with open_runtime(settings) as runtime:
+    async with provider_factory(settings) as make_provider, open_runtime(settings, make_provider) as runtime:
         try:
             report = await run_once(runtime)
         except PollError as exc:
@@ -156,9 +172,10 @@ async def _as_persona(settings: Settings) -> AsyncIterator[tuple[TickConfig, Aut
     """
     import httpx
 
+    from runner.journal import Journal
     from runner.mana.auth import AuthClient, LoginLimiter
     from runner.mana.errors import RetryPolicy
-    from runner.scheduler import tick_config
+    from runner.runtime import tick_config
 
     journal = await Journal.open(settings.journal_location, own=False)
     try:
@@ -195,8 +212,9 @@ async def _tools(settings: Settings, email: str) -> int:
 
 async def _demo() -> int:
     """The README's first command: a sandbox on loopback, one round for every persona, a table."""
+    from runner.dispatch import run_once
+    from runner.runtime import open_runtime, provider_factory
     from runner.sandbox import Sandbox, SandboxConfig
-    from runner.scheduler import open_runtime, run_once
 
     use_claude = bool(os.environ.get("ANTHROPIC_API_KEY"))
     with tempfile.TemporaryDirectory(prefix="persona-demo-") as tmp:
@@ -226,7 +244,7 @@ async def _demo() -> int:
                 f"provider: {'Claude (' + settings.anthropic_model + ')' if use_claude else 'scripted (offline)'}",
                 file=sys.stderr,
             )
-            async with open_runtime(settings) as runtime:
+            async with provider_factory(settings) as make, open_runtime(settings, make) as runtime:
                 report = await run_once(runtime)
                 summaries = await runtime.journal.summaries([t for _, t in report.ticks])
             print(_table([(p.email, summaries.get(t)) for p, t in report.ticks]))

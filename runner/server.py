@@ -21,9 +21,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runner import metrics
+from runner.dispatch import Dispatcher, PollError
 from runner.log import redact
 from runner.mana.errors import ManaError
-from runner.scheduler import Dispatcher, PollError, Runtime
+from runner.runtime import Runtime
 from runner.tick import LoginBlocked, sign_in
 
 # A probe flood must not become a /due flood: one readiness check serves every probe for this long.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,19 +19,57 @@ async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
 # --- The sandbox in-process, and settings pointing the runner at it ---------------------------
 
 import dataclasses  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 from procs import MCP_SURFACE  # noqa: E402
 
+from runner.daemon import serve  # noqa: E402
+from runner.runtime import Runtime, open_runtime, provider_factory  # noqa: E402
 from runner.sandbox import Sandbox, SandboxConfig  # noqa: E402
 from runner.settings import Settings, load_settings  # noqa: E402
+from runner.tick import ProviderFactory  # noqa: E402
 
 # A Wednesday: `weekdays` personas are due, whatever day the suite runs on.
 WEEKDAY = "2026-11-25T09:30:00+00:00"
 SEED_SECRET = "contract-seed-secret"
 SERVICE_KEY = "contract-service-key"
+
+
+@asynccontextmanager
+async def open_runner(settings: Settings, make_provider: ProviderFactory | None = None) -> AsyncIterator[Runtime]:
+    """The runtime as `once` and the daemon wire it (the model the settings choose), or with the test's own player."""
+    async with provider_factory(settings) as chosen, open_runtime(settings, make_provider or chosen) as runtime:
+        yield runtime
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[str]:
+    """The daemon in this process, as `python -m runner` wires it; yields its URL, drains when the block ends.
+
+    Checks that block (a sync HTTP call to a sandbox process) belong in a thread: here they would stall the daemon.
+    """
+    stop = asyncio.Event()
+    async with open_runner(settings) as runtime:
+        task = asyncio.create_task(serve(runtime, stop))
+        try:
+            while True:  # up when its HTTP face answers, as a probe would see it
+                if task.done():
+                    task.result()  # raises what stopped it
+                    raise RuntimeError("the daemon ended before it was told to stop")
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+                except OSError:
+                    await asyncio.sleep(0.02)
+                    continue
+                writer.close()
+                break
+            yield f"http://{settings.http_host}:{settings.port}"
+        finally:
+            stop.set()
+            await task
 
 
 @dataclasses.dataclass

@@ -9,11 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from runner.persona import TICK_ROW, input_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,3 +180,18 @@ def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.2, what: s
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+def calls_vs_rows(
+    sandbox: SandboxProcess,
+) -> tuple[dict[str, Counter[tuple[str, str]]], dict[str, Counter[tuple[str, str]]], list[dict[str, Any]]]:
+    """Per user: the (tool, input hash) of every call that reached the gateway, and of every action row."""
+    calls: dict[str, Counter[tuple[str, str]]] = {}
+    for c in sandbox.get("mcp-calls"):
+        calls.setdefault(c["userId"], Counter())[(c["tool"], input_hash(c["arguments"]))] += 1
+    actions = sandbox.get("actions")
+    rows: dict[str, Counter[tuple[str, str]]] = {}
+    for a in actions:
+        if a["toolName"] != TICK_ROW:
+            rows.setdefault(a["personaId"], Counter())[(a["toolName"], a["inputHash"])] += 1
+    return calls, rows, actions

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SEED_SECRET, SERVICE_KEY, Mana
+from conftest import SEED_SECRET, SERVICE_KEY, Mana, open_runner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft7Validator, FormatChecker
@@ -25,9 +25,9 @@ from jsonschema import Draft7Validator, FormatChecker
 from runner.agent.arguments import IdPool, generate, is_id_field, parse_json
 from runner.agent.loop import Entry, Results, ToolCall, ToolDef, ToolResult, Turn, bound
 from runner.agent.providers.scripted import ScriptedProvider
+from runner.dispatch import run_once
 from runner.persona import module_of
 from runner.sandbox import Sandbox, SandboxConfig
-from runner.scheduler import open_runtime, run_once
 
 TOOLS: list[dict[str, Any]] = json.loads((Path(__file__).parent / "mana-tools.json").read_text("utf-8"))["tools"]
 SCHEMAS = {t["name"]: t["inputSchema"] for t in TOOLS}
@@ -383,7 +383,7 @@ async def test_over_200_scripted_ticks_on_the_sandboxs_default_surface_no_argume
             spec = {"name": f"spieler{n}", "archetype": "t", "systemPrompt": "", "tickCadence": "hourly"}
             await world.post("personas", {**spec, "moduleMix": dict.fromkeys(modules, 1.0), "options": {}})
         ticks, hour = 0, 9
-        async with open_runtime(world.settings(tmp_path, persona_concurrency=10)) as runtime:
+        async with open_runner(world.settings(tmp_path, persona_concurrency=10)) as runtime:
             while ticks < 200:
                 await world.post("clock", {"now": f"2026-11-{25 + hour // 24}T{hour % 24:02d}:30:00+00:00"})
                 ticks += len((await run_once(runtime)).ticks)

@@ -23,15 +23,15 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
-from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana
+from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana, open_runner
 from procs import start_sandbox
 
+from runner.dispatch import RoundReport, run_once
 from runner.journal import Journal
 from runner.log import redact
 from runner.mana.auth import LoginLimiter
 from runner.persona import TICK_ROW, derive_password
 from runner.sandbox import Sandbox, SandboxConfig, SignInLimit
-from runner.scheduler import RoundReport, open_runtime, run_once
 from runner.settings import Settings, SettingsError, load_settings, parse_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ class _world:
 
 async def _once(settings: Settings) -> tuple[RoundReport, dict[str, tuple[str, str]], Any]:
     """One round; returns the report, each tick's (space, via), and the AuthClient that ran it."""
-    async with open_runtime(settings) as runtime:
+    async with open_runner(settings) as runtime:
         report = await run_once(runtime)
         spaces = {}
         for _, tick_id in report.ticks:
@@ -123,7 +123,7 @@ async def test_real_mode_finds_each_personal_space_by_cookie_then_remembers_it(m
 async def test_bearer_is_tried_once_per_process_not_once_per_tick(mana: Mana, tmp_path: Path) -> None:
     bearer_tries = 0
 
-    async with open_runtime(mana.settings(tmp_path, persona_concurrency=4)) as runtime:
+    async with open_runner(mana.settings(tmp_path, persona_concurrency=4)) as runtime:
         auth = runtime.tick_deps.auth
 
         async def count(request: httpx.Request) -> None:

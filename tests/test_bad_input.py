@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import structlog
 from canned import Canned
-from conftest import Mana
+from conftest import Mana, open_runner
 from fault_proxy import FaultProxy
 from procs import ROOT, runner_env, start_runner, start_sandbox
 from starlette.responses import JSONResponse, Response
 
 from runner import log
+from runner.dispatch import run_once
 from runner.journal import PRUNE_CHUNK, Journal
 from runner.mana.personas_api import DueLimits, parse_due
-from runner.scheduler import open_runtime, run_once
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ async def test_a_login_answered_429_retry_after_60_defers_the_tick(mana: Mana, t
         )
         settings = mana.settings(tmp_path, mana_auth_url=auth.url)
         started = time.time()
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             report = await run_once(runtime)
             states = [await runtime.journal.tick_state(t) for _, t in report.ticks]
         assert len(states) == len(people)
@@ -214,7 +214,7 @@ async def test_an_account_locked_429_is_not_deferred(mana: Mana, tmp_path: Path)
             if path == "/api/v1/auth/login"
             else None
         )
-        async with open_runtime(mana.settings(tmp_path, mana_auth_url=auth.url)) as runtime:
+        async with open_runner(mana.settings(tmp_path, mana_auth_url=auth.url)) as runtime:
             await run_once(runtime)
         assert auth.answered["POST /api/v1/auth/login"] == len(await mana.get("personas"))
     rows = await mana.get("actions")
@@ -231,7 +231,7 @@ async def test_a_lone_surrogate_in_an_error_body_leaves_no_tick_running(
             Response(raw, status, media_type="application/json") if path == "/api/v1/auth/login" else None
         )
         settings = mana.settings(tmp_path, mana_auth_url=auth.url, persona_max_attempts=1)
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             report = await run_once(runtime)
             states = [await runtime.journal.tick_state(t) for _, t in report.ticks]
     assert states and all(s is not None and s["state"] == "sealed" for s in states)

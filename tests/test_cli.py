@@ -18,9 +18,10 @@ SEED = "cli-seed-secret-1234"
 KEY = "cli-service-key-5678"
 
 
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[SandboxProcess]:
-    sb = start_sandbox(tmp_path, seed_secret=SEED, service_key=KEY)
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
+    # One for the module: each test brings its own journal, and none depends on what another did in Mana.
+    sb = start_sandbox(tmp_path_factory.mktemp("sandbox"), seed_secret=SEED, service_key=KEY)
     sb.post("clock", {"now": WEEKDAY})
     yield sb
     sb.stop()

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mana
+from conftest import Mana, open_runner
 from fake_anthropic import FakeAnthropic, default_brain
 from procs import ROOT
 
 from runner.agent.loop import MAX_RESULT_CHARS, Entry, RatingReply, ToolCall, ToolDef, Turn
+from runner.dispatch import PollError, RoundReport, run_once
 from runner.persona import TICK_ROW, input_hash, module_of
-from runner.scheduler import RoundReport, open_runtime, run_once
 from runner.settings import Settings
 
 TOOL_NAMES = [
@@ -24,7 +24,7 @@ TOOL_NAMES = [
 
 
 async def _once(settings: Settings) -> RoundReport:
-    async with open_runtime(settings) as runtime:
+    async with open_runner(settings) as runtime:
         return await run_once(runtime)
 
 
@@ -143,7 +143,7 @@ async def test_503s_on_the_rows_routes_still_land_every_row_exactly_once(mana: M
     actions, calls = await mana.get("actions"), await mana.get("mcp-calls")
     assert _rows_by_user(actions) == _calls_by_user(calls)
     per_tick = Counter(a["tickId"] for a in actions)
-    async with open_runtime(settings) as runtime:
+    async with open_runner(settings) as runtime:
         summaries = await runtime.journal.summaries([t for _, t in first.ticks])
     for tick, summary in summaries.items():
         assert per_tick[tick] == summary.ok + summary.errors  # none lost, none doubled by a re-split
@@ -152,8 +152,6 @@ async def test_503s_on_the_rows_routes_still_land_every_row_exactly_once(mana: M
 
 
 async def test_a_due_outage_fails_the_poll_with_a_clear_error(mana: Mana, tmp_path: Path) -> None:
-    from runner.scheduler import PollError
-
     await mana.post("faults", {"route": "due", "status": 503, "count": 2})
     with pytest.raises(PollError, match="503"):
         await _once(mana.settings(tmp_path, mana_retry_attempts=2))
@@ -183,14 +181,10 @@ class _ExpiresBeforeSecondTurn:
 
 
 async def test_an_expired_jwt_mid_tick_is_renewed_once_and_the_day_goes_on(mana: Mana, tmp_path: Path) -> None:
-    from dataclasses import replace
-
     # The sandbox's handlers keep the JWT that opened the session, as the real gateway's do: only a
     # new session after the renewal lets the second call succeed.
     settings = mana.settings(tmp_path, persona_concurrency=10)
-    async with open_runtime(settings) as runtime:
-        deps = replace(runtime.tick_deps, make_provider=lambda p, t: _ExpiresBeforeSecondTurn(mana, p.user_id))
-        object.__setattr__(runtime, "tick_deps", deps)
+    async with open_runner(settings, lambda p, t: _ExpiresBeforeSecondTurn(mana, p.user_id)) as runtime:
         report = await run_once(runtime)
     assert report.backlog == 0 and len(report.ticks) == 10
     actions = await mana.get("actions")
@@ -317,10 +311,11 @@ async def test_a_tick_failing_before_any_tool_call_is_retried_then_closed_with_i
 
 
 class _Dawdler:
-    """Calls a tool every 0.3 s and never stops: only the tick timeout ends its day."""
+    """Calls a tool at once, then every 0.5 s, and never stops (15 turns outlast 3 s): only the timeout ends its day."""
 
     async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
-        await asyncio.sleep(0.3)
+        if transcript:
+            await asyncio.sleep(0.5)
         return Turn(text="", calls=[ToolCall(f"c{len(transcript)}", "mood.today", {})])
 
     async def rate(
@@ -330,18 +325,17 @@ class _Dawdler:
 
 
 async def test_a_tick_timeout_keeps_what_was_done_and_says_why(mana: Mana, tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    settings = mana.settings(tmp_path, persona_tick_timeout_s=1.2, persona_concurrency=10)
-    async with open_runtime(settings) as runtime:
-        object.__setattr__(runtime, "tick_deps", replace(runtime.tick_deps, make_provider=lambda p, t: _Dawdler()))
+    # The deadline covers sign-in and the MCP session too: ten of them at once on a busy machine took
+    # most of 1.2 s, so a tick could time out before its first call. 3 s leaves room for a day.
+    settings = mana.settings(tmp_path, persona_tick_timeout_s=3, persona_concurrency=10)
+    async with open_runner(settings, lambda p, t: _Dawdler()) as runtime:
         report = await run_once(runtime)
     assert report.backlog == 0
     actions = await mana.get("actions")
     for _, tick in report.ticks:
         rows = [a for a in actions if a["tickId"] == tick]
         assert [r["toolName"] for r in rows[:-1]] == ["mood.today"] * (len(rows) - 1) and len(rows) >= 2
-        assert (rows[-1]["toolName"], rows[-1]["errorMessage"]) == (TICK_ROW, "timeout: tick exceeded 1.2s during play")
+        assert (rows[-1]["toolName"], rows[-1]["errorMessage"]) == (TICK_ROW, "timeout: tick exceeded 3s during play")
     # A call cut by the timeout is an error row "outcome unknown": it may or may not have reached Mana.
     calls = Counter(c["userId"] for c in await mana.get("mcp-calls"))
     tools = [a for a in actions if a["toolName"] != TICK_ROW]

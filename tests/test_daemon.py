@@ -1,5 +1,6 @@
-"""The daemon as a real process against the sandbox as a real process: windows, outages,
-SIGKILL and restart, SIGTERM drain, pause, metrics and logs."""
+"""The daemon against the sandbox as a real process: windows and outages with the daemon in-process
+(serve(runtime, stop)); SIGKILL and restart, SIGTERM drain, pause by signal, metrics and logs with the
+daemon as a real process, since those are about the process itself."""
 
 from __future__ import annotations
 
@@ -15,12 +16,23 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import WEEKDAY
+from conftest import WEEKDAY, serving
 from fake_anthropic import FakeAnthropic, default_brain
-from procs import RunnerProcess, SandboxProcess, runner_env, start_runner, start_sandbox
+from procs import (
+    RunnerProcess,
+    SandboxProcess,
+    calls_vs_rows,
+    free_port,
+    runner_env,
+    start_runner,
+    start_sandbox,
+)
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runner.persona import TICK_ROW, derive_password, input_hash
+from runner import metrics as runner_metrics
+from runner.persona import TICK_ROW, derive_password
+from runner.settings import Settings, load_settings
 
 SEED = "daemon-seed-secret-4711"
 KEY = "daemon-service-key-0815"
@@ -55,8 +67,10 @@ async def until(check: Callable[[], Any], timeout: float = 60, what: str = "cond
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def metrics(runner: RunnerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{runner.url}/metrics", timeout=5).text
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Samples:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -64,7 +78,39 @@ def metrics(runner: RunnerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...
     }
 
 
-def metric_sum(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def metrics(runner: RunnerProcess) -> Samples:
+    return parse_metrics(httpx.get(f"{runner.url}/metrics", timeout=5).text)
+
+
+def local_metrics() -> Samples:
+    """This process's counters: an in-process daemon's, added to whatever ran before it in the suite."""
+    return parse_metrics(generate_latest(runner_metrics.REGISTRY).decode())
+
+
+def daemon_settings(sandbox: SandboxProcess, tmp_path: Path, **overrides: Any) -> Settings:
+    """What runner_env gives a daemon process, as settings for one started in this process."""
+    values: dict[str, Any] = dict(
+        mana_api_url=sandbox.api_url,
+        mana_auth_url=sandbox.auth_url,
+        mana_mcp_url=sandbox.mcp_url,
+        mana_service_key=sandbox.service_key,
+        persona_seed_secret=sandbox.seed_secret,
+        llm_provider="scripted",
+        runner_env="development",
+        node_env=None,
+        runner_state_path=tmp_path / "runner.db",
+        tick_interval_ms=1000,
+        mana_retry_base_s=0.05,
+        mana_login_rate="1000/1s",
+        persona_retry_base_s=0.5,
+        log_format="json",
+        port=free_port(),
+    )
+    values.update(overrides)
+    return load_settings(**values)
+
+
+def metric_sum(values: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in values.items() if n == name and all((k, lv) in ls for k, lv in labels.items()))
 
 
@@ -88,22 +134,8 @@ def slow_brain(delay_s: float) -> Callable[[dict[str, Any]], Any]:
     return brain
 
 
-def calls_vs_rows(
-    sandbox: SandboxProcess,
-) -> tuple[dict[str, Counter[tuple[str, str]]], dict[str, Counter[tuple[str, str]]], list[dict[str, Any]]]:
-    calls: dict[str, Counter[tuple[str, str]]] = {}
-    for c in sandbox.get("mcp-calls"):
-        calls.setdefault(c["userId"], Counter())[(c["tool"], input_hash(c["arguments"]))] += 1
-    actions = sandbox.get("actions")
-    rows: dict[str, Counter[tuple[str, str]]] = {}
-    for a in actions:
-        if a["toolName"] != TICK_ROW:
-            rows.setdefault(a["personaId"], Counter())[(a["toolName"], a["inputHash"])] += 1
-    return calls, rows, actions
-
-
 async def test_a_quiet_persona_runs_once_per_window_not_once_per_poll(
-    sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path, fake_anthropic: FakeAnthropic
+    sandbox: SandboxProcess, tmp_path: Path, fake_anthropic: FakeAnthropic
 ) -> None:
     fake_anthropic.brain = lambda body: ([{"type": "text", "text": "Heute mache ich nichts."}], "end_turn")
     sticky = sandbox.post(
@@ -117,15 +149,35 @@ async def test_a_quiet_persona_runs_once_per_window_not_once_per_poll(
             "options": {"alwaysDue": True},
         },
     )
-    env = runner_env(sandbox, tmp_path / "runner.db", TICK_INTERVAL_MS="400", **anthropic_env(fake_anthropic))
-    runner = start_runner(env, tmp_path / "runner.log")
-    runners.append(runner)
-    await asyncio.to_thread(runner.wait_healthy)
-    await until(lambda: metric_sum(metrics(runner), "persona_polls_total", result="ok") >= 5, what="5 polls")
+    people = catalog(sandbox)
+    settings = daemon_settings(
+        sandbox,
+        tmp_path,
+        tick_interval_ms=300,
+        llm_provider="anthropic",
+        anthropic_base_url=fake_anthropic.base_url,
+        anthropic_api_key=ANTHROPIC_KEY,
+    )
+
+    def polls() -> float:
+        return metric_sum(local_metrics(), "persona_polls_total", result="ok")
+
+    async with serving(settings) as url:
+        # The round first (however long a busy machine takes), then polls that find the sticky persona due again.
+        await until(
+            lambda: (
+                all_delivered(sandbox, len(people))
+                and metric_sum(parse_metrics(httpx.get(f"{url}/metrics", timeout=5).text), "persona_ticks_in_flight")
+                == 0
+            ),
+            what="the first round delivered",
+        )
+        after_round = polls()
+        await until(lambda: polls() >= after_round + 4, what="4 more polls")
     actions = sandbox.get("actions")
     assert Counter(a["personaId"] for a in actions)[sticky["userId"]] == 1
     assert all((a["toolName"], a["result"]) == (TICK_ROW, "ok") for a in actions)
-    assert len(actions) == len(catalog(sandbox))  # one quiet-day row per persona, however often polled
+    assert len(actions) == len(people)  # one quiet-day row per persona, however often polled
     assert len(fake_anthropic.requests) == len(actions)  # one model turn each: no rating without tools
     assert any(
         p["userId"] == sticky["userId"]
@@ -133,28 +185,30 @@ async def test_a_quiet_persona_runs_once_per_window_not_once_per_poll(
             "personas"
         ]
     )
-    assert runner.terminate() == 0
 
 
 async def test_an_outage_of_three_failures_on_each_route_loses_and_doubles_nothing(
-    sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path
+    sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
     for route in ("due", "login", "organizations", "mcp", "actions", "feedback"):
         sandbox.post("faults", {"route": route, "status": 503, "count": 3})
-    runner = start_runner(runner_env(sandbox, tmp_path / "runner.db", MANA_RETRY_ATTEMPTS="2"), tmp_path / "runner.log")
-    runners.append(runner)
+    errors_before = metric_sum(local_metrics(), "persona_errors_total")
     expected = len(catalog(sandbox))
-    await until(
-        lambda: all_delivered(sandbox, expected) and metric_sum(metrics(runner), "persona_outbox_backlog") == 0,
-        timeout=90,
-        what="every persona delivered",
-    )
+    async with serving(daemon_settings(sandbox, tmp_path, mana_retry_attempts=2)) as url:
+        await until(
+            lambda: (
+                all_delivered(sandbox, expected)
+                and metric_sum(parse_metrics(httpx.get(f"{url}/metrics", timeout=5).text), "persona_outbox_backlog")
+                == 0
+            ),
+            timeout=90,
+            what="every persona delivered",
+        )
     calls, rows, actions = calls_vs_rows(sandbox)
     assert rows == calls
     for persona_id in {a["personaId"] for a in actions}:
         assert len({a["tickId"] for a in actions if a["personaId"] == persona_id}) == 1
-    assert metric_sum(metrics(runner), "persona_errors_total") > 0  # the outage was seen, and survived
-    assert runner.terminate() == 0
+    assert metric_sum(local_metrics(), "persona_errors_total") > errors_before  # the outage was seen, and survived
 
 
 async def test_sigkill_mid_tick_then_restart_records_every_call_once_and_replays_no_day(

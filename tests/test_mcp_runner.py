@@ -11,7 +11,6 @@ import os
 import sys
 from asyncio.subprocess import PIPE
 from collections import Counter
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,18 @@ from typing import Any
 import httpx
 import pytest
 import structlog.testing
-from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana
+from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana, open_runner
 from fake_anthropic import FakeAnthropic
 from hostile_mcp import HostileMcp, tool
 from procs import ROOT
 
 from runner import metrics
 from runner.agent.loop import Entry, RatingReply, ToolCall, ToolDef, Turn
+from runner.dispatch import RoundReport, run_once
 from runner.mana.mcp import MAX_TOOL_PAGES, MAX_TOOLS
 from runner.persona import TICK_ROW, DuePersona, input_hash, tick_id, tick_window
 from runner.sandbox import Sandbox, SandboxConfig
 from runner.sandbox.mana_tools import BAIT_TOOL
-from runner.scheduler import RoundReport, open_runtime, run_once
 from runner.settings import Settings
 from runner.tick import Outcome, run_tick
 
@@ -73,10 +72,8 @@ async def _tick(
     persona = DuePersona(userId=spec["userId"], email=spec["email"], tickCadence="daily", moduleMix={"todo": 1.0})
     settings = mana.settings(tmp_path, mana_mcp_url=mcp_url, **overrides)
     tid = tick_id(persona.user_id, tick_window("daily", datetime.fromisoformat(WEEKDAY)))
-    async with open_runtime(settings) as runtime:
-        deps = (
-            runtime.tick_deps if provider is None else replace(runtime.tick_deps, make_provider=lambda p, t: provider)
-        )
+    async with open_runner(settings, None if provider is None else lambda p, t: provider) as runtime:
+        deps = runtime.tick_deps
         claim = await runtime.journal.claim(persona.user_id, "2026-11-25", tid)
         assert claim is not None
         outcome = await run_tick(deps, persona, claim)
@@ -129,8 +126,8 @@ async def test_a_shutdown_is_still_recorded_as_interrupted(mana: Mana, tmp_path:
     script = Script([("todo.list", {})], [("todo.create", {"title": "x"})], pause_s=0 if slow else 30)
     async with HostileMcp(slow_on="todo.create" if slow else None) as server:
         settings = mana.settings(tmp_path, mana_mcp_url=server.url)
-        async with open_runtime(settings) as runtime:
-            deps = replace(runtime.tick_deps, make_provider=lambda p, t: script)
+        async with open_runner(settings, lambda p, t: script) as runtime:
+            deps = runtime.tick_deps
             claim = await runtime.journal.claim(persona.user_id, "2026-11-25", "t-stop")
             assert claim is not None
             task = asyncio.create_task(run_tick(deps, persona, claim))
@@ -346,8 +343,7 @@ async def test_once_offers_every_tool_of_the_real_surface_and_rows_land(mana: Ma
         scripts.append(Script([("todo.create", {"title": "Einkaufen"})], [("todo.list", {})]))
         return scripts[-1]
 
-    async with open_runtime(mana.settings(tmp_path)) as runtime:
-        object.__setattr__(runtime, "tick_deps", replace(runtime.tick_deps, make_provider=make))
+    async with open_runner(mana.settings(tmp_path), make) as runtime:
         report = await run_once(runtime)
     assert report.backlog == 0 and len(report.ticks) == len(scripts) == 10
     assert all(s.offered == TOOL_NAMES for s in scripts)  # no annotations: nothing withheld by default
@@ -392,7 +388,7 @@ async def test_a_policy_withholding_everything_is_an_error_row_and_a_warning_not
     assert await mana.get("mcp-calls") == []
     warnings = [e for e in logged if e["event"].startswith("no tools offered")]
     assert len(warnings) == 10 and all(e["log_level"] == "warning" for e in warnings)
-    async with open_runtime(mana.settings(tmp_path)) as runtime:
+    async with open_runner(mana.settings(tmp_path)) as runtime:
         summaries = await runtime.journal.summaries([t for _, t in report.ticks])
     assert {s.outcome for s in summaries.values()} == {"failed"}
 
@@ -459,7 +455,7 @@ async def test_handler_failures_and_policy_denials_keep_their_text_in_one_line(t
 
 
 async def _once_with(settings: Settings) -> RoundReport:
-    async with open_runtime(settings) as runtime:
+    async with open_runner(settings) as runtime:
         return await run_once(runtime)
 
 

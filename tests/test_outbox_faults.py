@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Mana
+from conftest import Mana, open_runner
 from fault_proxy import FaultProxy
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,11 +24,11 @@ from procs import ROOT
 from starlette.responses import JSONResponse, Response
 
 from runner import metrics
+from runner.dispatch import run_once
 from runner.journal import Journal
 from runner.mana.errors import error_from_response
 from runner.outbox import is_refusal
 from runner.persona import TICK_ROW, ActionRow, FeedbackRow, clean_text, tick_id, tick_window
-from runner.scheduler import open_runtime, run_once
 from runner.settings import Settings
 
 ROW_ROUTE = ("/actions", "/feedback")
@@ -78,7 +78,7 @@ async def test_a_batch_failing_forever_blocks_no_other_persona_is_parked_and_lan
         # Due again at once and never parked: only the outbox's per-batch walk keeps the others going.
         settings = mana.settings(tmp_path, mana_api_url=proxy.url, mana_retry_attempts=1, outbox_park_after=1000)
         await _seal_first(settings, poison)
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             report = await run_once(runtime)
             assert report.backlog == 1  # only the poison batch is left
             counts = await runtime.journal.batch_counts()
@@ -88,7 +88,7 @@ async def test_a_batch_failing_forever_blocks_no_other_persona_is_parked_and_lan
             tmp_path, mana_api_url=proxy.url, mana_retry_attempts=1, outbox_park_after=2, outbox_parked_retry_s=3600
         )
         parked_before = _metric("persona_batches_parked_total", kind="actions")
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             for _ in range(2):
                 assert await runtime.outbox.deliver() == 1
             counts = await runtime.journal.batch_counts()
@@ -108,7 +108,7 @@ async def test_a_batch_failing_forever_blocks_no_other_persona_is_parked_and_lan
         proxy.rule = lambda m, path, _: None  # the API is fixed
         done = _cli(["outbox", "--retry"], settings.runner_state_path)
         assert done.returncode == 0 and "re-queued 1 batches" in done.stdout
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             assert (await run_once(runtime)).backlog == 0
     poison_rows = [a for a in await mana.get("actions") if a["personaId"] == poison]
     assert [(a["toolName"], a["result"]) for a in poison_rows] == [(TICK_ROW, "ok")]
@@ -137,13 +137,13 @@ async def test_an_ingress_outage_answering_404_413_400_loses_no_row(mana: Mana, 
     async with FaultProxy(mana.sandbox.api_url) as proxy:
         proxy.rule = _ingress_outage(state)
         settings = mana.settings(tmp_path, mana_api_url=proxy.url, mana_retry_attempts=2)
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             first = await run_once(runtime)
             counts = await runtime.journal.batch_counts()
         assert first.backlog > 0 and counts["refused"] == 0 and counts["delivered"] == 0
         assert sum(proxy.answered.values()) >= first.backlog  # every batch met the outage
         state["left"] = 0  # the deploy is over
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             second = await run_once(runtime)
         assert second.backlog == 0 and second.ticks == []
         print(
@@ -163,7 +163,7 @@ async def test_the_apis_own_refusal_is_kept_listed_and_redriven(mana: Mana, tmp_
         )
         settings = mana.settings(tmp_path, mana_api_url=proxy.url)
         refused_before = _metric("persona_batches_refused_total", kind="actions")
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             report = await run_once(runtime)
             assert report.backlog == 0  # a refusal is not retried by itself...
             counts = await runtime.journal.batch_counts()
@@ -174,7 +174,7 @@ async def test_the_apis_own_refusal_is_kept_listed_and_redriven(mana: Mana, tmp_
         assert "Persona not found" in listed.stdout
         proxy.rule = lambda m, path, _: None
         assert _cli(["outbox", "--retry"], settings.runner_state_path).returncode == 0
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             assert (await run_once(runtime)).backlog == 0
             assert (await runtime.journal.batch_counts())["refused"] == 0
     assert any(a["personaId"] == gone for a in await mana.get("actions"))

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SERVICE_KEY, Mana
+from conftest import SERVICE_KEY, Mana, open_runner, serving
 from fault_proxy import FaultProxy
-from procs import runner_env, start_runner, start_sandbox
+from procs import free_port
 from starlette.responses import JSONResponse, Response
 
+from runner.dispatch import Dispatcher, run_once
 from runner.persona import TICK_ROW, derive_password
-from runner.scheduler import Dispatcher, open_runtime, run_once
 from runner.server import READY_CACHE_S, build_app
 from runner.settings import SettingsError, load_settings
 
@@ -42,7 +42,7 @@ async def test_a_password_echoed_by_mana_auth_reaches_no_row_and_no_journal(mana
     async with FaultProxy(mana.sandbox.auth_url) as auth:
         auth.rule = _echo_password
         settings = mana.settings(tmp_path, mana_auth_url=auth.url)
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             report = await run_once(runtime)
         assert report.backlog == 0
     passwords = [derive_password(mana.config.seed_secret, p["email"]) for p in people]
@@ -61,7 +61,7 @@ async def test_a_service_key_echoed_by_the_api_reaches_no_ready_answer_and_no_jo
 ) -> None:
     async with FaultProxy(mana.sandbox.api_url) as api:
         settings = mana.settings(tmp_path, mana_api_url=api.url, mana_retry_attempts=1)
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             api.rule = _echo_key
             dispatcher = Dispatcher(runtime)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(build_app(runtime, dispatcher))) as client:
@@ -76,7 +76,7 @@ async def test_a_row_error_echoing_the_key_is_stored_redacted(mana: Mana, tmp_pa
     async with FaultProxy(mana.sandbox.api_url) as api:
         api.rule = lambda m, p, b: _echo_key(m, p, b) if m == "POST" else None
         settings = mana.settings(tmp_path, mana_api_url=api.url, mana_retry_attempts=1)
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             report = await run_once(runtime)
             assert report.backlog > 0
             problems = [b.last_error or "" for b in await runtime.journal.problem_batches()]
@@ -88,7 +88,7 @@ async def test_a_row_error_echoing_the_key_is_stored_redacted(mana: Mana, tmp_pa
 async def test_diagnostics_are_off_unless_enabled_and_never_in_production(mana: Mana, tmp_path: Path) -> None:
     settings = mana.settings(tmp_path)
     assert not settings.runner_diag
-    async with open_runtime(settings) as runtime:
+    async with open_runner(settings) as runtime:
         app = build_app(runtime, Dispatcher(runtime))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app)) as client:
             assert (await client.get("http://runner/diag/login", params={"email": "a@b.c"})).status_code == 404
@@ -107,7 +107,7 @@ async def test_diagnostics_are_off_unless_enabled_and_never_in_production(mana: 
 async def test_diag_login_obeys_the_lockout_rule_and_spends_one_attempt_at_most(mana: Mana, tmp_path: Path) -> None:
     wrong = await mana.add_persona("wrongseed", wrongSeed=True)
     settings = mana.settings(tmp_path, runner_diag=True)
-    async with open_runtime(settings) as runtime:
+    async with open_runner(settings) as runtime:
         app = build_app(runtime, Dispatcher(runtime))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app)) as client:
             answers = [await client.get("http://runner/diag/login", params={"email": wrong["email"]}) for _ in range(6)]
@@ -127,7 +127,7 @@ async def test_diag_login_obeys_the_lockout_rule_and_spends_one_attempt_at_most(
 async def test_diag_login_sees_a_block_a_tick_recorded(mana: Mana, tmp_path: Path) -> None:
     wrong = await mana.add_persona("wrongseed2", wrongSeed=True)
     settings = mana.settings(tmp_path, runner_diag=True)
-    async with open_runtime(settings) as runtime:
+    async with open_runner(settings) as runtime:
         await run_once(runtime)
         app = build_app(runtime, Dispatcher(runtime))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app)) as client:
@@ -139,7 +139,7 @@ async def test_diag_login_sees_a_block_a_tick_recorded(mana: Mana, tmp_path: Pat
 async def test_ready_is_cached_and_a_probe_flood_is_one_due_request(mana: Mana, tmp_path: Path) -> None:
     async with FaultProxy(mana.sandbox.api_url) as api:
         settings = mana.settings(tmp_path, mana_api_url=api.url)
-        async with open_runtime(settings) as runtime:
+        async with open_runner(settings) as runtime:
             app = build_app(runtime, Dispatcher(runtime))
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app)) as client:
                 answers = await asyncio.gather(*(client.get("http://runner/ready") for _ in range(50)))
@@ -168,26 +168,18 @@ def _listening(port: int) -> set[str]:
 
 
 async def test_the_http_face_listens_on_loopback_unless_told_otherwise(tmp_path: Path) -> None:
-    sandbox = start_sandbox(tmp_path, seed_secret="bind-seed-123456", service_key="bind-key-123456")
-    try:
-        env = runner_env(sandbox, tmp_path / "runner.db", RUNNER_PAUSED="true")
-        env.pop("HTTP_HOST", None)
-        runner = start_runner(env, tmp_path / "runner.log")
-        try:
-            runner.wait_healthy()
-            assert _listening(runner.port) == {"0100007F"}  # 127.0.0.1, little-endian hex
-            assert runner.terminate() == 0
-        finally:
-            if runner.proc.poll() is None:
-                runner.kill()
-        env["HTTP_HOST"] = "0.0.0.0"
-        runner = start_runner(env, tmp_path / "runner2.log")
-        try:
-            runner.wait_healthy()
-            assert _listening(runner.port) == {"00000000"}
-            assert runner.terminate() == 0
-        finally:
-            if runner.proc.poll() is None:
-                runner.kill()
-    finally:
-        sandbox.stop()
+    # Paused: the daemon talks to no Mana, so none needs to be there.
+    values = dict(
+        mana_api_url="http://127.0.0.1:9",
+        mana_auth_url="http://127.0.0.1:9",
+        mana_mcp_url="http://127.0.0.1:9",
+        llm_provider="scripted",
+        runner_paused=True,
+        runner_state_path=tmp_path / "runner.db",
+    )
+    async with serving(load_settings(**values, port=free_port())) as url:
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{url}/health")).json()["paused"] is True
+        assert _listening(int(url.rsplit(":", 1)[1])) == {"0100007F"}  # 127.0.0.1, little-endian hex
+    async with serving(load_settings(**values, port=free_port(), http_host="0.0.0.0")) as url:
+        assert _listening(int(url.rsplit(":", 1)[1])) == {"00000000"}

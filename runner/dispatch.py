@@ -1,116 +1,23 @@
-"""Polling, claiming, the worker pool, and the daemon's life from start to drained exit."""
+"""Polling, claiming and the worker pool: which due persona ticks when, and recovery of what a run left open."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-
-import httpx
-from anthropic import AsyncAnthropic
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from datetime import datetime
 
 from runner import metrics
-from runner.agent.providers.anthropic import AnthropicProvider
-from runner.agent.providers.scripted import ScriptedProvider
-from runner.journal import Journal
-from runner.log import get_logger, register_secret
-from runner.mana.auth import AuthClient, LoginLimiter
-from runner.mana.errors import ManaError, RetryPolicy
-from runner.mana.personas_api import DueLimits, PersonasApi
-from runner.outbox import Outbox, OutboxPolicy
+from runner.log import get_logger
+from runner.mana.errors import ManaError
 from runner.persona import DuePersona, tick_id, tick_window
-from runner.settings import Settings
-from runner.tick import ProviderFactory, TickConfig, TickDeps, run_tick
+from runner.runtime import Runtime
+from runner.tick import run_tick
 
-log = get_logger("runner.scheduler")
+log = get_logger("runner.dispatch")
 
-FINAL_FLUSH_S = 10.0
 PRUNE_EVERY_S = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    settings: Settings
-    journal: Journal
-    api: PersonasApi
-    outbox: Outbox
-    tick_deps: TickDeps
-
-
-@asynccontextmanager
-async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """Every long-lived resource, opened once and closed in reverse order."""
-    # Whoever builds a runtime gets redaction of its secrets in everything it logs, stores or serves.
-    for secret in settings.secrets():
-        register_secret(secret)
-    journal = await Journal.open(settings.journal_location, lease_s=settings.runner_lease_s)
-    policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
-    timeout = httpx.Timeout(30.0, connect=10.0)
-    anthropic: AsyncAnthropic | None = None
-    try:
-        async with (
-            httpx.AsyncClient(timeout=timeout) as auth_http,
-            httpx.AsyncClient(timeout=timeout) as api_http,
-        ):
-            # One limiter for every sign-in of the process: Mana counts them per client IP.
-            auth = AuthClient(auth_http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
-            api = PersonasApi(
-                api_http,
-                settings.mana_api_url,
-                settings.mana_service_key.get_secret_value(),
-                policy,
-                settings.mana_personas_path,
-                DueLimits(settings.due_max_bytes, settings.due_max_rows, settings.persona_prompt_max_chars),
-            )
-            make_provider: ProviderFactory
-            if settings.llm_provider == "scripted":
-                seed = settings.scripted_seed
-                make_provider = lambda p, tid: ScriptedProvider(f"{seed}:{tid}", p.module_mix)  # noqa: E731
-            else:
-                anthropic = AsyncAnthropic(
-                    api_key=settings.anthropic_api_key.get_secret_value() or None,
-                    base_url=settings.anthropic_base_url,
-                    max_retries=settings.anthropic_max_retries,
-                    timeout=120.0,
-                )
-                client = anthropic
-                make_provider = lambda p, tid: AnthropicProvider(  # noqa: E731
-                    client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language
-                )
-            config = tick_config(settings)
-            deps = TickDeps(config=config, auth=auth, journal=journal, make_provider=make_provider)
-            outbox_policy = OutboxPolicy(
-                retry_base_s=settings.outbox_retry_base_s,
-                retry_max_s=settings.outbox_retry_max_s,
-                park_after=settings.outbox_park_after,
-                parked_retry_s=settings.outbox_parked_retry_s,
-            )
-            yield Runtime(settings, journal, api, Outbox(journal, api, outbox_policy), deps)
-    finally:
-        if anthropic is not None:
-            await anthropic.close()
-        await journal.close()
-
-
-def tick_config(settings: Settings) -> TickConfig:
-    """What a tick needs from the settings; the daemon and the persona commands build it alike."""
-    return TickConfig(
-        seed_secret=settings.persona_seed_secret.get_secret_value(),
-        mcp_url=settings.mana_mcp_url,
-        max_turns=settings.persona_max_turns,
-        timeout_s=settings.persona_tick_timeout_s,
-        max_attempts=settings.persona_max_attempts,
-        retry_base_s=settings.persona_retry_base_s,
-        language=settings.persona_language,
-        policy=settings.tool_policy,
-        space_recheck_s=settings.mana_space_recheck_h * 3600,
-    )
 
 
 class PollError(Exception):
@@ -133,6 +40,7 @@ class Dispatcher:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._accepting = True
         self._pruned_at = 0.0
+        self._heartbeat: asyncio.Task[None] | None = None
         self.paused = runtime.settings.runner_paused
         metrics.PAUSED.set(int(self.paused))
 
@@ -169,7 +77,21 @@ class Dispatcher:
             task.add_done_callback(functools.partial(self._forget, persona.user_id))
             started += 1
         log.info("polled", due=len(due.personas), started=started, in_flight=len(self._in_flight))
+        if self._in_flight and (self._heartbeat is None or self._heartbeat.done()):
+            self._heartbeat = asyncio.create_task(self._renew_leases(), name="leases")
         return started
+
+    async def _renew_leases(self) -> None:
+        """Keep this replica's running ticks its own: renewed a third of a lease apart, so two
+        renewals can fail (a database hiccup) before another replica may take a tick over."""
+        journal = self._rt.journal
+        while self._in_flight:
+            await asyncio.sleep(journal.lease_s / 3)
+            try:
+                await journal.renew_leases()
+            except Exception as exc:  # noqa: BLE001 - the next renewal tries again; a lost lease fences itself
+                metrics.ERRORS.labels(stage="lease").inc()
+                log.warning("lease renewal failed", error=str(exc))
 
     def _forget(self, persona_id: str, _: asyncio.Task[None]) -> None:
         self._in_flight.pop(persona_id, None)
@@ -177,6 +99,9 @@ class Dispatcher:
     async def poll_and_deliver(self) -> None:
         """The scheduled job: never raises, so one bad poll does not stop the schedule."""
         try:
+            # Every live replica looks for ticks whose replica died, at every poll: their rows are
+            # sealed and delivered here, whichever replica runs on.
+            await recover(self._rt)
             await self._rt.outbox.deliver()
             await self._prune_hourly()
             await self.poll()
@@ -222,12 +147,19 @@ class Dispatcher:
     async def wait_idle(self) -> None:
         while self._in_flight:
             await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        await self._stop_renewing()
+
+    async def _stop_renewing(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
 
     async def drain(self, deadline_s: float) -> None:
         """Stop taking ticks, give the running ones until the deadline, then cut them cleanly."""
         self._accepting = False
         tasks = list(self._in_flight.values())
         if not tasks:
+            await self._stop_renewing()
             return
         log.info("draining", in_flight=len(tasks), deadline_s=deadline_s)
         _, pending = await asyncio.wait(tasks, timeout=deadline_s)
@@ -236,13 +168,15 @@ class Dispatcher:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
             log.warning("drain deadline reached: ticks cut", cut=len(pending))
+        await self._stop_renewing()
 
 
 async def recover(runtime: Runtime) -> None:
+    """Seal the ticks nobody holds any more (a dead process's, or a dead replica's once its lease ran out)."""
     interrupted = await runtime.journal.recover()
     if interrupted:
         metrics.TICKS.labels(outcome="interrupted").inc(len(interrupted))
-        log.warning("closed ticks a previous run left open", ticks=len(interrupted))
+        log.warning("sealed ticks a dead run left open", ticks=len(interrupted), first=interrupted[:5])
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,51 +193,3 @@ async def run_once(runtime: Runtime) -> RoundReport:
     await dispatcher.poll()
     await dispatcher.wait_idle()
     return RoundReport(ticks=dispatcher.claimed or [], backlog=await runtime.outbox.flush())
-
-
-async def serve(runtime: Runtime) -> None:
-    """The daemon: poll on schedule, serve health and metrics, drain on SIGTERM/SIGINT."""
-    from runner.server import start_http  # the HTTP face is only needed by the daemon
-
-    settings = runtime.settings
-    await recover(runtime)
-    dispatcher = Dispatcher(runtime)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    # No configuration reload exists; a HUP (a closed terminal, a supervisor's habit) drains like TERM.
-    loop.add_signal_handler(signal.SIGHUP, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, dispatcher.set_paused, True)
-    loop.add_signal_handler(signal.SIGUSR2, dispatcher.set_paused, False)
-
-    http = await start_http(runtime, dispatcher, settings.http_host)
-    scheduler = AsyncIOScheduler(timezone=UTC)
-    # max_instances=1: a slow poll is skipped over, never overlapped; coalesce: no catch-up bursts.
-    scheduler.add_job(
-        dispatcher.poll_and_deliver,
-        "interval",
-        seconds=settings.tick_interval_ms / 1000,
-        max_instances=1,
-        coalesce=True,
-        next_run_time=datetime.now(UTC),
-    )
-    scheduler.start()
-    log.info(
-        "runner started",
-        interval_ms=settings.tick_interval_ms,
-        concurrency=settings.persona_concurrency,
-        paused=dispatcher.paused,
-        port=http.port,
-    )
-    await stop.wait()
-    log.info("shutting down", in_flight=dispatcher.in_flight)
-    scheduler.shutdown(wait=False)
-    await dispatcher.drain(settings.drain_timeout_s)
-    try:
-        backlog = await asyncio.wait_for(runtime.outbox.flush(), timeout=FINAL_FLUSH_S)
-        log.info("outbox flushed", backlog=backlog)
-    except TimeoutError:
-        log.warning("outbox not flushed before exit; the journal keeps it for the next start")
-    await http.stop()
-    log.info("stopped")

@@ -1,0 +1,106 @@
+"""The runner's long-lived wiring: journal, Mana clients, outbox and what a tick needs, from the settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from runner.agent.providers.scripted import ScriptedProvider
+from runner.journal import Journal
+from runner.log import register_secret
+from runner.mana.auth import AuthClient, LoginLimiter
+from runner.mana.errors import RetryPolicy
+from runner.mana.personas_api import DueLimits, PersonasApi
+from runner.outbox import Outbox, OutboxPolicy
+from runner.settings import Settings
+from runner.tick import ProviderFactory, TickConfig, TickDeps
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    settings: Settings
+    journal: Journal
+    api: PersonasApi
+    outbox: Outbox
+    tick_deps: TickDeps
+
+
+@asynccontextmanager
+async def provider_factory(settings: Settings) -> AsyncIterator[ProviderFactory]:
+    """The model the settings choose, one provider per tick; Claude's client lives as long as the block."""
+    if settings.llm_provider == "scripted":
+        seed, latency_ms = settings.scripted_seed, settings.scripted_latency_ms
+        yield lambda p, tid: ScriptedProvider(f"{seed}:{tid}", p.module_mix, latency_ms)
+        return
+    # Imported only here: the Anthropic SDK's models take seconds to import, and the scripted player,
+    # the tests that bring their own provider and every command but serve/once/demo never use them.
+    from anthropic import AsyncAnthropic
+
+    from runner.agent.providers.anthropic import AnthropicProvider
+
+    client = AsyncAnthropic(
+        api_key=settings.anthropic_api_key.get_secret_value() or None,
+        base_url=settings.anthropic_base_url,
+        max_retries=settings.anthropic_max_retries,
+        timeout=120.0,
+    )
+    try:
+        yield lambda p, tid: AnthropicProvider(
+            client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language
+        )
+    finally:
+        await client.close()
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, make_provider: ProviderFactory) -> AsyncIterator[Runtime]:
+    """Every long-lived resource, opened once and closed in reverse order; ticks play with `make_provider`."""
+    # Whoever builds a runtime gets redaction of its secrets in everything it logs, stores or serves.
+    for secret in settings.secrets():
+        register_secret(secret)
+    journal = await Journal.open(settings.journal_location, lease_s=settings.runner_lease_s)
+    policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
+    timeout = httpx.Timeout(30.0, connect=10.0)
+    try:
+        async with (
+            httpx.AsyncClient(timeout=timeout) as auth_http,
+            httpx.AsyncClient(timeout=timeout) as api_http,
+        ):
+            # One limiter for every sign-in of the process: Mana counts them per client IP.
+            auth = AuthClient(auth_http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
+            api = PersonasApi(
+                api_http,
+                settings.mana_api_url,
+                settings.mana_service_key.get_secret_value(),
+                policy,
+                settings.mana_personas_path,
+                DueLimits(settings.due_max_bytes, settings.due_max_rows, settings.persona_prompt_max_chars),
+            )
+            deps = TickDeps(config=tick_config(settings), auth=auth, journal=journal, make_provider=make_provider)
+            outbox_policy = OutboxPolicy(
+                retry_base_s=settings.outbox_retry_base_s,
+                retry_max_s=settings.outbox_retry_max_s,
+                park_after=settings.outbox_park_after,
+                parked_retry_s=settings.outbox_parked_retry_s,
+            )
+            yield Runtime(settings, journal, api, Outbox(journal, api, outbox_policy), deps)
+    finally:
+        await journal.close()
+
+
+def tick_config(settings: Settings) -> TickConfig:
+    """What a tick needs from the settings; the daemon and the persona commands build it alike."""
+    return TickConfig(
+        seed_secret=settings.persona_seed_secret.get_secret_value(),
+        mcp_url=settings.mana_mcp_url,
+        max_turns=settings.persona_max_turns,
+        timeout_s=settings.persona_tick_timeout_s,
+        max_attempts=settings.persona_max_attempts,
+        retry_base_s=settings.persona_retry_base_s,
+        language=settings.persona_language,
+        policy=settings.tool_policy,
+        space_recheck_s=settings.mana_space_recheck_h * 3600,
+    )

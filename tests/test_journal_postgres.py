@@ -8,9 +8,11 @@ import asyncio
 import json
 
 import sqlalchemy as sa
+from pg import PgServer
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from runner.journal import Journal, LeaseLost
+from runner.journal import Journal, JournalError, LeaseLost
 from runner.persona import TICK_ROW, ActionRow
 from runner.schema import SCHEMA_VERSION
 
@@ -129,3 +131,35 @@ async def test_replicas_sweeping_together_take_each_batch_once(pg_url: str) -> N
         assert await journals[0].backlog() == 20
     finally:
         await asyncio.gather(*(j.close() for j in journals))
+
+
+async def test_an_unreachable_server_is_one_line_without_the_password(pg: PgServer) -> None:
+    from procs import free_port
+
+    url = f"postgresql+asyncpg://runner:hunter2-not-for-logs@127.0.0.1:{free_port()}/runner"
+    try:
+        await Journal.open(url)
+        raise AssertionError("a journal opened on a closed port")
+    except JournalError as exc:
+        message = str(exc)
+    assert "\n" not in message and "hunter2-not-for-logs" not in message
+    assert message.startswith("journal postgresql+asyncpg://runner:***@127.0.0.1:")
+
+
+async def test_a_database_of_another_application_or_a_newer_runner_is_refused(pg: PgServer, pg_url: str) -> None:
+    db = str(make_url(pg_url).database)
+    pg.psql("CREATE TABLE users (id int)", database=db)
+    try:
+        await Journal.open(pg_url)
+        raise AssertionError("opened a foreign database")
+    except JournalError as exc:
+        assert "not a runner journal (it holds other tables: users)" in str(exc)
+    pg.psql("DROP TABLE users", database=db)
+    journal = await Journal.open(pg_url)
+    await journal.close()
+    pg.psql(f"INSERT INTO schema_migrations VALUES ({SCHEMA_VERSION + 1}, 'future', 0)", database=db)
+    try:
+        await Journal.open(pg_url)
+        raise AssertionError("opened a journal of a newer runner")
+    except JournalError as exc:
+        assert "newer runner" in str(exc) and "\n" not in str(exc)

@@ -225,6 +225,31 @@ def test_settings_never_echo_a_secret_value(monkeypatch: pytest.MonkeyPatch) -> 
     assert "secret-host-value" not in str(caught.value) and str(caught.value).startswith("MANA_API_URL: ")
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("mysql://runner:pw-secret-1@db/runner", "driver 'mysql' is not supported"),
+        ("sqlite+aiosqlite:///pw-secret-1.db", "use RUNNER_STATE_PATH for SQLite"),
+        ("postgresql+asyncpg://runner:pw-secret-1@/runner", "needs a host and a database name"),
+        ("not a url pw-secret-1", "not a database URL"),
+    ],
+)
+def test_a_bad_state_url_is_one_line_that_never_echoes_it(url: str, says: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(runner_state_url=url)
+    assert str(caught.value).startswith("RUNNER_STATE_URL: ") and says in str(caught.value)
+    assert "pw-secret-1" not in str(caught.value)
+
+
+def test_a_state_url_selects_postgresql_through_asyncpg_and_its_password_is_a_secret(tmp_path: Path) -> None:
+    settings = load_settings(
+        runner_state_url="postgres://runner:pw-secret-2@db:5432/runner", runner_state_path=tmp_path
+    )
+    assert settings.journal_location == "postgresql+asyncpg://runner:pw-secret-2@db:5432/runner"
+    assert "pw-secret-2" in settings.secrets()
+    assert load_settings(runner_state_url="", runner_state_path=tmp_path / "j.db").journal_location == tmp_path / "j.db"
+
+
 def test_production_refuses_the_dev_seed_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NODE_ENV", "production")
     monkeypatch.setenv("MANA_SERVICE_KEY", "k" * 20)

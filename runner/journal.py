@@ -216,6 +216,7 @@ class Journal:
         self._write_lock: asyncio.Lock | None = None if self._postgres else asyncio.Lock()
         self.lease_s = lease_s
         self.replica = replica_id()
+        self.kind = "postgresql" if self._postgres else "sqlite"
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:

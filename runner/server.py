@@ -43,6 +43,9 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
                 "intervalMs": settings.tick_interval_ms,
                 "concurrency": settings.persona_concurrency,
                 "inFlight": dispatcher.in_flight,
+                # Which replica answers, and on which journal: tells replicas apart in one look.
+                "replica": runtime.journal.replica,
+                "journal": runtime.journal.kind,
             }
         )
 

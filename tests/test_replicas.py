@@ -130,7 +130,8 @@ async def test_three_replicas_share_the_cast_each_persona_once_and_migrate_once(
     env = replica_env(sandbox, tmp_path, pg_url, PERSONA_CONCURRENCY="3", SCRIPTED_LATENCY_MS="120")
     replicas = [start(env, tmp_path, f"r{i}", runners) for i in range(3)]  # all at once: the migrations race
     for replica in replicas:
-        await asyncio.to_thread(replica.wait_healthy, 60)
+        health = await asyncio.to_thread(replica.wait_healthy, 60)
+        assert health["journal"] == "postgresql" and owner_pid(health["replica"]) == replica.proc.pid
     journal = Journal(pg, pg_url)
     personas = len(sandbox.get("personas"))
     await until(lambda: settled(sandbox, journal, personas), what="every persona ticked and delivered")

@@ -5,6 +5,7 @@ HEALTHCHECK must pass against it. If the image would not build or start, this fa
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -89,6 +90,16 @@ def test_dockerfile_install_and_start_in_a_fresh_venv(tmp_path: Path) -> None:
         sandbox.stop()
 
 
-@pytest.mark.parametrize("path", ["compose.yaml", "config/runner.env.example"])
-def test_local_use_files_exist(path: str) -> None:
-    assert (ROOT / path).is_file()
+@pytest.mark.parametrize("path", ["compose.yaml", "compose.replicas.yaml", "config/runner.env.example"])
+def test_local_use_files_exist_and_name_only_settings_the_runner_reads(path: str) -> None:
+    from runner.settings import Settings
+
+    text = (ROOT / path).read_text(encoding="utf-8")
+    # A misspelt variable is silently ignored by the runner; catch it here instead.
+    prefixes = ("MANA_", "RUNNER_", "PERSONA_", "LLM_", "TICK_", "SCRIPTED_", "ANTHROPIC_", "OUTBOX_", "LOG_")
+    named = set(re.findall(r"^[#\s]*([A-Z][A-Z0-9_]+)\s*[:=]", text, flags=re.M))
+    unknown = {n for n in named if n.startswith(prefixes) and n.lower() not in Settings.model_fields}
+    assert not unknown - {"RUNNER_DB_PASSWORD"}, unknown  # the compose file's own variable, not the runner's
+    if path == "compose.replicas.yaml":
+        assert text.count("RUNNER_STATE_URL: postgresql+asyncpg://") == 1  # one anchor shared by both runners
+        assert '"3070:3070"' in text and '"3071:3070"' in text and "condition: service_healthy" in text

@@ -258,7 +258,8 @@ async def test_the_limiter_keeps_better_auths_count_under_random_load() -> None:
 async def test_a_429_without_retry_after_waits_out_the_window_and_no_tick_fails(mana: Mana, tmp_path: Path) -> None:
     # Another client on our IP used the budget: Mana answers RATE_LIMITED without Retry-After.
     await mana.post("faults", {"route": "login", "status": 429, "count": 1, "code": "RATE_LIMITED"})
-    settings = mana.settings(tmp_path, mana_login_rate="3/1s", persona_concurrency=1, mana_retry_attempts=2)
+    # 20 per 1 s: only the 429 makes the limiter wait (a full window); 3 per 1 s paced all 20 sign-ins into 7 s.
+    settings = mana.settings(tmp_path, mana_login_rate="20/1s", persona_concurrency=1, mana_retry_attempts=2)
     started = time.monotonic()
     report, _, _ = await _once(settings)
     assert len(report.ticks) == 10

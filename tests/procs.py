@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,18 @@ def start_runner(
     with log_path.open("ab") as log:
         proc = subprocess.Popen([python, "-m", "runner", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return RunnerProcess(proc, int(env["PORT"]), log_path, env)
+
+
+async def until(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """wait_for for async tests: the check runs in a thread, so the event loop (a fake Messages
+    API, an in-process sandbox) goes on serving while a check blocks on HTTP or psql."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.2, what: str = "condition") -> Any:

@@ -26,6 +26,7 @@ from procs import (
     runner_env,
     start_runner,
     start_sandbox,
+    until,
 )
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,17 +55,6 @@ async def runners(tmp_path: Path) -> AsyncIterator[list[RunnerProcess]]:
     for runner in started:
         if runner.proc.poll() is None:
             runner.kill()
-
-
-async def until(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    """Poll without blocking the event loop the fake Messages API lives in."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

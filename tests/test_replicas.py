@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from procs import (
     runner_env,
     start_runner,
     start_sandbox,
+    until,
 )
 from sqlalchemy.engine import make_url
 
@@ -76,16 +76,6 @@ class Journal:
 
     def scalar(self, sql: str) -> str:
         return self.rows(sql)[0][0]
-
-
-async def until(check: Callable[[], Any], timeout: float = 90, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        await asyncio.sleep(0.3)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def replica_env(sandbox: SandboxProcess, tmp_path: Path, url: str, **extra: str) -> dict[str, str]:

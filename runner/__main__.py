@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_demo())
         settings = load_settings()
     except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     log.configure(settings.log_format, settings.log_level)
     for secret in settings.secrets():
@@ -89,11 +89,17 @@ def _run(coro: Any) -> int:
     except KeyboardInterrupt:
         return 130
     except JournalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except (ManaError, _Fatal) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 1
+
+
+def _error(exc: Exception) -> None:
+    # One write: print() writes the text and the newline apart, and a log line from a worker thread
+    # (aiosqlite's, at LOG_LEVEL=debug) could land between them and glue itself to the error line.
+    sys.stderr.write(f"error: {exc}\n")
 
 
 class _Fatal(Exception):

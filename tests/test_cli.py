@@ -33,6 +33,11 @@ def run(args: list[str], env: dict[str, str], timeout: float = 120) -> subproces
     )
 
 
+def last_plain(stderr: str) -> str:
+    """The error line: the last one that is not a JSON log line (a worker thread may log after it)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("{")][-1]
+
+
 def test_once_ticks_every_due_persona_and_exits_zero(sandbox: SandboxProcess, tmp_path: Path) -> None:
     done = run(["once"], runner_env(sandbox, tmp_path / "runner.db"))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -45,7 +50,7 @@ def test_once_with_a_wrong_service_key_exits_one_with_one_clear_line(sandbox: Sa
     env = runner_env(sandbox, tmp_path / "runner.db", MANA_SERVICE_KEY="not-the-key-0000")
     done = run(["once"], env)
     assert done.returncode == 1
-    last = done.stderr.strip().splitlines()[-1]
+    last = last_plain(done.stderr)
     assert last.startswith("error: cannot poll the personas API") and "401" in last
     assert "Traceback" not in done.stderr and "not-the-key-0000" not in done.stderr + done.stdout
 
@@ -56,7 +61,7 @@ def test_once_with_the_api_unreachable_exits_one_after_bounded_retries(tmp_path:
     env.update(RUNNER_STATE_PATH=str(tmp_path / "r.db"), LLM_PROVIDER="scripted")
     done = run(["once"], env)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot poll the personas API: due: ConnectError")
+    assert last_plain(done.stderr).startswith("error: cannot poll the personas API: due: ConnectError")
 
 
 @pytest.mark.parametrize(
@@ -102,7 +107,7 @@ def test_login_proves_the_personal_space_and_prints_no_secret(sandbox: SandboxPr
 
     refused = run(["login", "persona.nobody@mana.test"], runner_env(sandbox, tmp_path / "runner.db"), timeout=60)
     assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1] == f"error: login: HTTP 401 INVALID_CREDENTIALS: {_message(sandbox)}"
+    assert last_plain(refused.stderr) == f"error: login: HTTP 401 INVALID_CREDENTIALS: {_message(sandbox)}"
 
 
 def _message(sandbox: SandboxProcess) -> str:

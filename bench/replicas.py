@@ -365,6 +365,15 @@ def summarize(
     makespan = last_delivery - t0_db  # from the replicas' spawn, start-up and migrations included
     span = last_delivery - first_claim  # from the first claim: the work itself
     ideal = max(sum(durations) / slots, durations[-1])
+    # Where the gap to the ideal goes: replicas joining late, slots idle while personas wait, and the
+    # tail (after the last claim nothing new starts; the heavy-tailed last ticks finish on their own).
+    last_claim = max(t["created_at"] for t in ticks)
+    last_seal = max(t["updated_at"] for t in ticks)
+    joined = [min(t["created_at"] for t in ticks if t["owner"] == owner) for owner in {t["owner"] for t in ticks}]
+    busy_before_last_claim = sum(
+        max(0.0, min(t["updated_at"], last_claim) - t["created_at"]) for t in ticks if t["created_at"] < last_claim
+    )
+    queued_phase = last_claim - first_claim
     rows_journaled = Counter[str]()
     for b in batches:
         rows_journaled[b["kind"]] += b["rows"]
@@ -424,7 +433,11 @@ def summarize(
         "makespan_s": round(makespan, 2),
         "span_s": round(span, 2),
         "startup_s": round(first_claim - t0_db, 2),
-        "drain_s": round(last_delivery - max(t["updated_at"] for t in ticks), 2),
+        "drain_s": round(last_delivery - last_seal, 2),
+        "stagger_s": round(max(joined) - first_claim, 2),
+        "claiming_s": round(queued_phase, 2),
+        "slot_use_while_claiming": round(busy_before_last_claim / (slots * queued_phase), 3) if queued_phase else None,
+        "tail_s": round(last_seal - last_claim, 2),
         "wall_s": round(wall_s, 2),
         "ideal_s": round(ideal, 2),
         "ideal_bound": "longest tick" if durations[-1] >= sum(durations) / slots else "sum/(R*C)",
@@ -479,6 +492,9 @@ COLUMNS: list[tuple[str, Any]] = [
     ("span s", lambda r: r["span_s"]),
     ("ideal s", lambda r: f"{r['ideal_s']} ({'longest' if r['ideal_bound'] == 'longest tick' else 'sum/RC'})"),
     ("span/ideal", lambda r: round(r["span_s"] / r["ideal_s"], 2)),
+    ("replicas joined within s", lambda r: r["stagger_s"]),
+    ("slots busy until last claim", lambda r: f"{100 * (r['slot_use_while_claiming'] or 0):.0f} %"),
+    ("tail s", lambda r: r["tail_s"]),
     ("tick mean/p50/max s", lambda r: f"{r['tick_mean_s']}/{r['tick_p50_s']}/{r['longest_tick_s']}"),
     ("claims/s", lambda r: r["claims_per_s"]),
     ("rows/s", lambda r: r["rows_per_s"]),

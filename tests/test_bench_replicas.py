@@ -37,3 +37,5 @@ def test_tiny_replica_bench_runs_and_its_checks_pass(tmp_path: Path) -> None:
         assert 0 < r["ideal_s"] <= r["span_s"] <= r["makespan_s"]
         assert r["longest_tick_s"] <= r["ideal_s"] and r["claim_attempts"] >= r["claims_won"]
         assert r["cpu_s"]["postgres"] > 0 and r["cpu_s"]["sandbox"] > 0
+        # Busy slot-seconds over R x C slots while personas waited: above 1 would mean more ticks at once than slots.
+        assert 0 < r["slot_use_while_claiming"] <= 1.001

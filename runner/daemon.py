@@ -48,6 +48,11 @@ async def serve(runtime: Runtime, stop: asyncio.Event, dispatcher: Dispatcher | 
     )
     await stop.wait()
     log.info("shutting down", in_flight=dispatcher.in_flight)
+    # No new poll from here; a poll job the scheduler created but has not started yet gets one
+    # loop step to enter poll_and_deliver, which ends quietly when the shutdown below cancels it.
+    # Cancelled before its first step, APScheduler would log the CancelledError as a job failure.
+    scheduler.pause()
+    await asyncio.sleep(0)
     scheduler.shutdown(wait=False)
     await dispatcher.drain(settings.drain_timeout_s)
     try:

@@ -61,6 +61,7 @@ if str(REPO) not in sys.path:
 
 from runner.persona import TICK_ROW, input_hash  # noqa: E402
 from tests.pg import PgServer, free_port, start_postgres  # noqa: E402
+from tests.procs import SandboxProcess, start_sandbox  # noqa: E402
 
 WEEKDAY = "2026-11-25T09:30:00+00:00"  # a Wednesday: every daily persona is due
 SEED_SECRET = "bench-replicas-seed-secret"
@@ -109,41 +110,6 @@ def copy_sqlite(source: Path, target: Path) -> None:
 
 
 @dataclass
-class SandboxProc:
-    proc: subprocess.Popen[str]
-    auth_url: str
-    api_url: str
-    mcp_url: str
-
-    def get(self, what: str) -> Any:
-        response = httpx.get(f"{self.api_url}/__sandbox/{what}", timeout=60)
-        response.raise_for_status()
-        return response.json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_sandbox(db: Path, log: Path) -> SandboxProc:
-    argv = [sys.executable, "-m", "runner.sandbox", "--db", str(db), "--seed-secret", SEED_SECRET]
-    argv += ["--service-key", SERVICE_KEY, "--auth-port", "0", "--api-port", "0", "--mcp-port", "0"]
-    with log.open("ab") as err:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"sandbox did not start: {log.read_text(errors='replace')[-1000:]}")
-    urls = json.loads(line)
-    return SandboxProc(proc, urls["auth_url"], urls["api_url"], urls["mcp_url"])
-
-
-@dataclass
 class Replica:
     proc: subprocess.Popen[bytes]
     port: int
@@ -153,7 +119,7 @@ class Replica:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def runner_env(sandbox: SandboxProc, url: str, args: argparse.Namespace, tmp: Path) -> dict[str, str]:
+def runner_env(sandbox: SandboxProcess, url: str, args: argparse.Namespace, tmp: Path) -> dict[str, str]:
     prefixes = ("MANA_", "PERSONA_", "ANTHROPIC_", "RUNNER_", "LLM_", "SCRIPTED_", "TICK_", "LOG_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(
@@ -258,7 +224,9 @@ async def run_config(
     work = tmp / name
     work.mkdir()
     copy_sqlite(template, work / "sandbox.db")
-    sandbox = start_sandbox(work / "sandbox.db", work / "sandbox.log")
+    sandbox = start_sandbox(
+        work, seed_secret=SEED_SECRET, service_key=SERVICE_KEY, db=work / "sandbox.db", log=work / "sandbox.log"
+    )
     started: list[Replica] = []
     conn: asyncpg.Connection = await asyncpg.connect(pg.libpq_url_for(name))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -44,7 +45,7 @@ class SandboxProcess:
     seed_secret: str
 
     def get(self, what: str) -> Any:
-        response = httpx.get(f"{self.api_url}/__sandbox/{what}", timeout=10)
+        response = httpx.get(f"{self.api_url}/__sandbox/{what}", timeout=60)
         response.raise_for_status()
         return response.json()
 
@@ -64,38 +65,50 @@ class SandboxProcess:
 
 
 def start_sandbox(
-    tmp: Path, *, seed_secret: str, service_key: str, python: str = sys.executable, extra: tuple[str, ...] = ()
+    tmp: Path,
+    *,
+    seed_secret: str,
+    service_key: str,
+    python: str = sys.executable,
+    extra: tuple[str, ...] = (),
+    db: Path | None = None,
+    log: Path | None = None,
 ) -> SandboxProcess:
-    proc = subprocess.Popen(
-        [
-            python,
-            "-m",
-            "runner.sandbox",
-            "--db",
-            str(tmp / "sandbox.db"),
-            "--auth-port",
-            "0",
-            "--api-port",
-            "0",
-            "--mcp-port",
-            "0",
-            "--seed-secret",
-            seed_secret,
-            "--service-key",
-            service_key,
-            "--mcp-surface",
-            MCP_SURFACE,
-            *extra,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """The sandbox as a process on free ports; its database at `db` (default tmp/sandbox.db), its
+    stderr in `log` when given (a long run's log must not fill an unread pipe)."""
+    with contextlib.ExitStack() as files:
+        stderr: Any = files.enter_context(log.open("ab")) if log is not None else subprocess.PIPE
+        proc = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "runner.sandbox",
+                "--db",
+                str(db or tmp / "sandbox.db"),
+                "--auth-port",
+                "0",
+                "--api-port",
+                "0",
+                "--mcp-port",
+                "0",
+                "--seed-secret",
+                seed_secret,
+                "--service-key",
+                service_key,
+                "--mcp-surface",
+                MCP_SURFACE,
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
-        raise RuntimeError(f"sandbox did not start: {proc.stderr.read() if proc.stderr else ''}")
+        said = log.read_text(errors="replace")[-1000:] if log is not None else proc.stderr.read() if proc.stderr else ""
+        raise RuntimeError(f"sandbox did not start: {said}")
     urls = json.loads(line)
     return SandboxProcess(proc, urls["auth_url"], urls["api_url"], urls["mcp_url"], service_key, seed_secret)
 

@@ -1,4 +1,4 @@
-"""The daemon's life: recovery, the poll schedule, the HTTP face, and the drained exit when told to stop."""
+"""The daemon's life: the poll schedule, the HTTP face, and the drained exit when told to stop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from runner.dispatch import Dispatcher, recover
+from runner.dispatch import Dispatcher
 from runner.log import get_logger
 from runner.runtime import Runtime
 from runner.server import start_http
@@ -24,7 +24,7 @@ async def serve(runtime: Runtime, stop: asyncio.Event, dispatcher: Dispatcher | 
     dispatcher it passes in (a new one is made when it has no need to reach it).
     """
     settings = runtime.settings
-    await recover(runtime)
+    # No recovery of its own here: the first poll runs at once, paused or not, and every poll recovers.
     dispatcher = dispatcher or Dispatcher(runtime)
 
     http = await start_http(runtime, dispatcher, settings.http_host)

@@ -406,10 +406,9 @@ class Journal:
     async def known_space(self, persona_id: str, max_age_s: float) -> str | None:
         """The persona's remembered personal space, if it was looked up within `max_age_s`."""
         async with self._engine.connect() as conn:
-            now = await self._now(conn)
             space = await conn.scalar(
                 sa.select(personal_spaces.c.space_id).where(
-                    personal_spaces.c.persona_id == persona_id, personal_spaces.c.resolved_at > now - max_age_s
+                    personal_spaces.c.persona_id == persona_id, personal_spaces.c.resolved_at > self._clock - max_age_s
                 )
             )
             return str(space) if space is not None else None

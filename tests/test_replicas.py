@@ -142,17 +142,18 @@ async def test_three_replicas_share_the_cast_each_persona_once_and_migrate_once(
         assert replica.terminate() == 0
 
 
-async def test_a_replica_killed_mid_tick_is_finished_by_one_started_late_and_no_day_is_replayed(
+async def test_a_replica_killed_mid_tick_is_finished_by_a_running_one_and_a_late_one_takes_a_share(
     sandbox: SandboxProcess, runners: list[RunnerProcess], tmp_path: Path, pg: PgServer, pg_url: str
 ) -> None:
-    env = replica_env(sandbox, tmp_path, pg_url, PERSONA_CONCURRENCY="4", SCRIPTED_LATENCY_MS="400")
-    first = start(env, tmp_path, "first", runners)
-    await asyncio.to_thread(first.wait_healthy, 60)
+    env = replica_env(sandbox, tmp_path, pg_url, SCRIPTED_LATENCY_MS="400")
+    first = start(dict(env, PERSONA_CONCURRENCY="4"), tmp_path, "first", runners)
+    survivor = start(dict(env, PERSONA_CONCURRENCY="1"), tmp_path, "survivor", runners)
+    for replica in (first, survivor):
+        await asyncio.to_thread(replica.wait_healthy, 60)
     journal = Journal(pg, pg_url)
+    mine = f"t.owner LIKE '%:{first.proc.pid}:%'"
     await until(
-        lambda: journal.rows(
-            "SELECT t.tick_id FROM ticks t JOIN calls c USING (tick_id) WHERE t.state = 'running' LIMIT 1"
-        ),
+        lambda: journal.rows(f"SELECT t.tick_id FROM ticks t JOIN calls c USING (tick_id) WHERE {mine} LIMIT 1"),
         what="a tick of the first replica with a call journaled",
     )
     first.proc.send_signal(signal.SIGKILL)
@@ -161,14 +162,21 @@ async def test_a_replica_killed_mid_tick_is_finished_by_one_started_late_and_no_
     left: dict[str, list[str]] = {}
     for tick_id, tool in journal.rows(
         "SELECT t.tick_id, c.tool_name FROM ticks t LEFT JOIN calls c USING (tick_id)"
-        " WHERE t.state = 'running' ORDER BY t.tick_id, c.seq"
+        f" WHERE t.state = 'running' AND {mine} ORDER BY t.tick_id, c.seq"
     ):
         left.setdefault(tick_id, []).extend([tool] if tool else [])
     assert left and any(left.values())
+    # The survivor was running before the kill: only its polls, not a start-up, can seal these.
+    ids = ", ".join(f"'{t}'" for t in left)
+    await until(
+        lambda: journal.scalar(f"SELECT count(*) FROM ticks WHERE tick_id IN ({ids}) AND state <> 'sealed'") == "0",
+        timeout=30,
+        what="the dead replica's ticks sealed by the one still running",
+    )
 
-    second = start(env, tmp_path, "second", runners)  # a replica started late takes over and takes its share
+    late = start(dict(env, PERSONA_CONCURRENCY="4"), tmp_path, "late", runners)  # takes its share from its first poll
     personas = len(sandbox.get("personas"))
-    await until(lambda: settled(sandbox, journal, personas), what="every persona delivered through the second replica")
+    await until(lambda: settled(sandbox, journal, personas), what="every persona delivered")
 
     actions = sandbox.get("actions")
     outcome = dict(journal.rows("SELECT tick_id, outcome FROM ticks"))
@@ -186,5 +194,5 @@ async def test_a_replica_killed_mid_tick_is_finished_by_one_started_late_and_no_
         unknown = [a for a in actions if a["personaId"] == user and "outcome unknown" in (a["errorMessage"] or "")]
         assert sum((have - made).values()) <= len(unknown)
     owners = Counter(owner_pid(o) for (o,) in journal.rows("SELECT owner FROM ticks"))
-    assert owners[first.proc.pid] >= len(left) and owners[second.proc.pid] > 0
-    assert second.terminate() == 0
+    assert owners[first.proc.pid] >= len(left) and owners[survivor.proc.pid] > 0 and owners[late.proc.pid] > 0
+    assert survivor.terminate() == 0 and late.terminate() == 0

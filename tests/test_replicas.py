@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WEEKDAY
+from conftest import WEEKDAY, Mana, open_runner
 from pg import PgServer
 from procs import (
     RunnerProcess,
@@ -27,6 +27,9 @@ from procs import (
 )
 from sqlalchemy.engine import make_url
 
+from runner.agent.loop import Entry, RatingReply, ToolCall, ToolDef, Turn
+from runner.dispatch import run_once
+from runner.journal import Journal
 from runner.persona import TICK_ROW
 from runner.schema import SCHEMA_VERSION
 
@@ -63,7 +66,7 @@ async def runners() -> AsyncIterator[list[RunnerProcess]]:
             runner.kill()
 
 
-class Journal:
+class JournalView:
     """The shared journal as an operator would query it (psql), to watch the replicas work."""
 
     def __init__(self, pg: PgServer, url: str) -> None:
@@ -106,7 +109,7 @@ def one_tick_per_persona(actions: list[dict[str, Any]]) -> Counter[str]:
     return Counter({p: len(t) for p, t in ticks.items()})
 
 
-def settled(sandbox: SandboxProcess, journal: Journal, personas: int) -> bool:
+def settled(sandbox: SandboxProcess, journal: JournalView, personas: int) -> bool:
     """Every persona's actions landed and no batch waits anywhere."""
     landed = {a["personaId"] for a in sandbox.get("actions")}
     unsent = int(journal.scalar("SELECT count(*) FROM batches WHERE state <> 'delivered'"))
@@ -122,7 +125,7 @@ async def test_three_replicas_share_the_cast_each_persona_once_and_migrate_once(
     for replica in replicas:
         health = await asyncio.to_thread(replica.wait_healthy, 60)
         assert health["journal"] == "postgresql" and owner_pid(health["replica"]) == replica.proc.pid
-    journal = Journal(pg, pg_url)
+    journal = JournalView(pg, pg_url)
     personas = len(sandbox.get("personas"))
     await until(lambda: settled(sandbox, journal, personas), what="every persona ticked and delivered")
 
@@ -150,7 +153,7 @@ async def test_a_replica_killed_mid_tick_is_finished_by_a_running_one_and_a_late
     survivor = start(dict(env, PERSONA_CONCURRENCY="1"), tmp_path, "survivor", runners)
     for replica in (first, survivor):
         await asyncio.to_thread(replica.wait_healthy, 60)
-    journal = Journal(pg, pg_url)
+    journal = JournalView(pg, pg_url)
     mine = f"t.owner LIKE '%:{first.proc.pid}:%'"
     await until(
         lambda: journal.rows(f"SELECT t.tick_id FROM ticks t JOIN calls c USING (tick_id) WHERE {mine} LIMIT 1"),
@@ -196,3 +199,51 @@ async def test_a_replica_killed_mid_tick_is_finished_by_a_running_one_and_a_late
     owners = Counter(owner_pid(o) for (o,) in journal.rows("SELECT owner FROM ticks"))
     assert owners[first.proc.pid] >= len(left) and owners[survivor.proc.pid] > 0 and owners[late.proc.pid] > 0
     assert survivor.terminate() == 0 and late.terminate() == 0
+
+
+class SlowThinker:
+    """One call, then a think longer than the lease, then another call: a tick that must keep its lease alive."""
+
+    def __init__(self, pause_s: float) -> None:
+        self.pause_s = pause_s
+
+    async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
+        done = sum(1 for e in transcript if isinstance(e, Turn))
+        if done == 0:
+            return Turn(text="", calls=[ToolCall("c0", "todo.list", {})])
+        if done == 1:
+            await asyncio.sleep(self.pause_s)
+            return Turn(text="", calls=[ToolCall("c1", "todo.create", {"title": "Nach langem Nachdenken"})])
+        return Turn(text="Fertig.", calls=[])
+
+    async def rate(
+        self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]
+    ) -> RatingReply:
+        return RatingReply({"ratings": [{"module": m, "rating": 4, "notes": "ok"} for m in modules]}, "")
+
+
+async def test_ticks_thinking_longer_than_the_lease_keep_it_while_another_replica_looks(
+    mana: Mana, tmp_path: Path, pg_url: str
+) -> None:
+    settings = mana.settings(tmp_path, runner_state_url=pg_url, runner_lease_s=1, persona_concurrency=16)
+    other = await Journal.open(pg_url, lease_s=1)
+    taken: list[str] = []
+
+    async def look() -> None:
+        while True:
+            taken.extend(await other.recover())
+            await asyncio.sleep(0.2)
+
+    try:
+        async with open_runner(settings, lambda p, t: SlowThinker(pause_s=2.5)) as runtime:
+            watcher = asyncio.create_task(look())
+            try:
+                report = await run_once(runtime)
+            finally:
+                watcher.cancel()
+            summaries = await runtime.journal.summaries([t for _, t in report.ticks])
+    finally:
+        await other.close()
+    assert taken == []  # renewed a third of a lease apart, no tick looked abandoned
+    assert len(report.ticks) == 10 and report.backlog == 0
+    assert {s.outcome for s in summaries.values()} == {"ok"} and {s.ok for s in summaries.values()} == {2}

@@ -17,8 +17,10 @@ $(VENV)/.installed: requirements.lock requirements-test.lock pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m runner demo
 
+# Two workers, a test file each at a time (module fixtures stay shared within a file): the suite
+# mostly waits on subprocesses and loopback HTTP, so two cores take it in about half the time.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 serve: $(VENV)/.installed
 	$(PY) -m runner serve

@@ -105,15 +105,20 @@ class _RunAs:
         try:
             entry = pwd.getpwnam(SYSTEM_USER_WHEN_ROOT)
         except KeyError:
-            try:
-                done = subprocess.run(
-                    ["useradd", "--system", "--user-group", "--no-create-home", SYSTEM_USER_WHEN_ROOT],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-            except OSError as error:
-                raise PgStartError(f"cannot add the account {SYSTEM_USER_WHEN_ROOT}: {error}") from None
+            for attempt in range(10):
+                try:
+                    done = subprocess.run(
+                        ["useradd", "--system", "--user-group", "--no-create-home", SYSTEM_USER_WHEN_ROOT],
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    )
+                except OSError as error:
+                    raise PgStartError(f"cannot add the account {SYSTEM_USER_WHEN_ROOT}: {error}") from None
+                # Exit 10: /etc/passwd is locked by another useradd (parallel test workers): try again.
+                if done.returncode != 10:
+                    break
+                time.sleep(0.1 * (attempt + 1))
             # Another process may have added it meanwhile (exit 9: the name is taken): that is fine too.
             if done.returncode not in (0, 9):
                 raise PgStartError(f"useradd {SYSTEM_USER_WHEN_ROOT} failed: {_one_line(done.stderr)}") from None

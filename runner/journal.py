@@ -662,10 +662,11 @@ class Journal:
 
     async def fail_batch(
         self, batch_id: int, error: str, schedule: Callable[[int], tuple[BatchState, float]]
-    ) -> tuple[int, BatchState, float, bool]:
+    ) -> tuple[int, BatchState, float, bool] | None:
         """Count a failed attempt and set the batch's own next attempt, `schedule(attempts)` -> (state, wait s).
 
-        Returns the attempts, the new state, the wait, and whether the batch has just been parked.
+        Returns the attempts, the new state, the wait, and whether the batch has just been parked;
+        None when the batch is no longer unsent (another replica delivered or refused it meanwhile).
         """
         async with self._write() as conn:
             now = await self._now(conn)
@@ -676,8 +677,8 @@ class Journal:
                     )
                 )
             ).first()
-            if before is None:  # delivered or refused meanwhile by another replica
-                return 0, "delivered", 0.0, False
+            if before is None:
+                return None
             attempts = 1 + int(before.attempts)
             state, wait_s = schedule(attempts)
             await conn.execute(

@@ -143,11 +143,10 @@ class Outbox:
 
     async def _failed(self, batch: Batch, exc: Exception) -> None:
         metrics.ERRORS.labels(stage="deliver").inc()
-        attempts, state, wait_s, newly_parked = await self._journal.fail_batch(
-            batch.id, str(exc), self._policy.next_attempt
-        )
-        if attempts == 0:
+        counted = await self._journal.fail_batch(batch.id, str(exc), self._policy.next_attempt)
+        if counted is None:
             return  # another replica delivered or refused it meanwhile
+        attempts, state, wait_s, newly_parked = counted
         if state == "parked":
             if newly_parked:
                 metrics.BATCHES_PARKED.labels(kind=batch.kind).inc()

@@ -59,19 +59,13 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.run_bench import PERSONA_SPEC, WEEKDAY  # noqa: E402  # the same fleet as the single-process bench
 from runner.persona import TICK_ROW, input_hash  # noqa: E402
 from tests.pg import PgServer, free_port, start_postgres  # noqa: E402
 from tests.procs import SandboxProcess, start_sandbox  # noqa: E402
 
-WEEKDAY = "2026-11-25T09:30:00+00:00"  # a Wednesday: every daily persona is due
 SEED_SECRET = "bench-replicas-seed-secret"
 SERVICE_KEY = "bench-replicas-service-key"
-PERSONA_SPEC = {
-    "archetype": "bench",
-    "systemPrompt": "Du bist eine Benchmark-Persona: du planst den Tag, schreibst Tagebuch, notierst die Stimmung.",
-    "moduleMix": {"todo": 0.4, "journal": 0.3, "mood": 0.3},
-    "tickCadence": "daily",
-}
 FULL = {"replicas": "1,2,4", "personas": 120, "concurrency": 8, "latency_ms": 500.0}
 TINY = {"replicas": "1,2", "personas": 6, "concurrency": 2, "latency_ms": 50.0}
 PG_SETTINGS = {"shared_preload_libraries": "'pg_stat_statements'", "max_connections": "300"}

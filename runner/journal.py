@@ -53,6 +53,7 @@ from runner.schema import (
     calls,
     clock,
     login_blocks,
+    persona_vaults,
     personal_spaces,
     ratings,
     ready_probe,
@@ -424,6 +425,16 @@ class Journal:
         """Mana refused the remembered space: the next tick looks it up again."""
         async with self._write() as conn:
             await conn.execute(personal_spaces.delete().where(personal_spaces.c.persona_id == persona_id))
+
+    async def vault_known(self, persona_id: str) -> bool:
+        async with self._engine.connect() as conn:
+            found = await conn.scalar(sa.select(persona_vaults.c.how).where(persona_vaults.c.persona_id == persona_id))
+            return found is not None
+
+    async def remember_vault(self, persona_id: str, how: Literal["found", "created"]) -> None:
+        async with self._write() as conn:
+            now = await self._now(conn)
+            await self._upsert(conn, persona_vaults, {"persona_id": persona_id, "how": how, "at": now})
 
     async def record_tick_space(self, tick_id: str, persona_id: str, space_id: str, via: str) -> None:
         async with self._write() as conn:

@@ -13,8 +13,10 @@ from runner.journal import Journal
 from runner.log import register_secret
 from runner.mana.auth import AuthClient, LoginLimiter
 from runner.mana.errors import RetryPolicy
+from runner.mana.http import shared_client
 from runner.mana.personas_api import DueLimits, PersonasApi
 from runner.outbox import Outbox, OutboxPolicy
+from runner.session import SessionConfig
 from runner.settings import Settings
 from runner.tick import ProviderFactory, TickConfig, TickDeps
 
@@ -63,14 +65,9 @@ async def open_runtime(settings: Settings, make_provider: ProviderFactory) -> As
         register_secret(secret)
     journal = await Journal.open(settings.journal_location, lease_s=settings.runner_lease_s)
     policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
-    timeout = httpx.Timeout(30.0, connect=10.0)
     try:
-        async with (
-            httpx.AsyncClient(timeout=timeout) as auth_http,
-            httpx.AsyncClient(timeout=timeout) as api_http,
-        ):
-            # One limiter for every sign-in of the process: Mana counts them per client IP.
-            auth = AuthClient(auth_http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
+        async with shared_client() as auth_http, shared_client() as api_http:
+            auth = auth_client(settings, auth_http, policy)
             api = PersonasApi(
                 api_http,
                 settings.mana_api_url,
@@ -91,10 +88,21 @@ async def open_runtime(settings: Settings, make_provider: ProviderFactory) -> As
         await journal.close()
 
 
+def auth_client(settings: Settings, http: httpx.AsyncClient, policy: RetryPolicy) -> AuthClient:
+    """mana-auth for every persona of the process: one limiter for every sign-in, as Mana counts them per client IP."""
+    return AuthClient(
+        http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate), origin=settings.mana_auth_origin
+    )
+
+
 def tick_config(settings: Settings) -> TickConfig:
     """What a tick needs from the settings; the daemon and the persona commands build it alike."""
     return TickConfig(
-        seed_secret=settings.persona_seed_secret.get_secret_value(),
+        session=SessionConfig(
+            seed_secret=settings.persona_seed_secret.get_secret_value(),
+            space_recheck_s=settings.mana_space_recheck_h * 3600,
+            vault_init=settings.persona_vault_init,
+        ),
         mcp_url=settings.mana_mcp_url,
         max_turns=settings.persona_max_turns,
         timeout_s=settings.persona_tick_timeout_s,
@@ -102,5 +110,4 @@ def tick_config(settings: Settings) -> TickConfig:
         retry_base_s=settings.persona_retry_base_s,
         language=settings.persona_language,
         policy=settings.tool_policy,
-        space_recheck_s=settings.mana_space_recheck_h * 3600,
     )

@@ -25,6 +25,7 @@ _meta = sa.MetaData()
 # Version of each table and column: the step that added it.
 _V1 = {"since": 1}
 _V2 = {"since": 2}
+_V3 = {"since": 3}
 
 ticks = sa.Table(
     "ticks",
@@ -92,6 +93,16 @@ personal_spaces = sa.Table(
     sa.Column("resolved_at", sa.Float, nullable=False),
     info=_V1,
 )
+# A persona known to have an encryption vault (contract §9): found, or created by the runner at
+# first contact. A vault is never removed, so once known it is not asked about again.
+persona_vaults = sa.Table(
+    "persona_vaults",
+    _meta,
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("how", sa.String(16), nullable=False),  # found | created
+    sa.Column("at", sa.Float, nullable=False),
+    info=_V3,
+)
 # The space each tick played in, and how it was known (journal | bearer | cookie).
 tick_spaces = sa.Table(
     "tick_spaces",
@@ -139,6 +150,7 @@ migrations = sa.Table(
 STEPS: tuple[str, ...] = (
     "baseline: the tables of the last unversioned release",
     "replicas: claim by unique (persona, window), tick and batch leases",
+    "vaults: personas known to have an encryption vault",
 )
 SCHEMA_VERSION = len(STEPS)
 # Columns the unversioned releases added at open with ALTER TABLE; an old journal may lack them.

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
 
     mana_api_url: str = "http://localhost:3060"
     mana_auth_url: str = "http://localhost:3001"
+    # The Origin sent with every request that carries a persona's Better Auth cookie (its origin
+    # check refuses such a request without a trusted one); unset: MANA_AUTH_URL's own origin.
+    mana_auth_origin: str | None = None
     mana_mcp_url: str = "http://localhost:3069"
     mana_service_key: SecretStr = SecretStr("")
     # Older deployments served the same routes from mana-auth at /api/v1/internal/personas.
@@ -50,6 +53,8 @@ class Settings(BaseSettings):
     persona_tools_allow: str = ""
     persona_tools_deny: str = ""
     persona_language: Literal["de", "en"] = "de"
+    # Create a persona's encryption vault at first contact, as Mana's web app does at a first login.
+    persona_vault_init: bool = True
 
     persona_seed_secret: SecretStr = SecretStr(DEV_SEED_SECRET)
     # At most a day: the scheduler's clock arithmetic overflows on absurd values (1e20).
@@ -103,19 +108,30 @@ class Settings(BaseSettings):
             raise ValueError(f"not a valid URL ({str(exc)[:80]})") from None
         if not url.host:
             raise ValueError("has no host")
+        if not _is_host(url.raw_host.decode("ascii", "replace")):
+            # httpx takes `exa mple.com` and fails only at connect time, on every request.
+            raise ValueError("its host is not a host name or an IP address")
         if url.port is not None and not 0 < url.port <= 65535:
             raise ValueError("port must be between 1 and 65535")
         return value.rstrip("/")
+
+    @field_validator("mana_auth_origin")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        origin = cls._http_origin(value)
+        assert origin is not None
+        if httpx.URL(origin).raw_path not in (b"", b"/") or "?" in origin or "#" in origin:
+            raise ValueError("must be an origin (scheme://host[:port]) without a path")
+        return origin
 
     @field_validator("http_host")
     @classmethod
     def _bind_address(cls, value: str) -> str:
         # An IP literal or a host name; anything else would only fail later, at bind time.
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
-                raise ValueError("must be an IP address or a host name") from None
+        if not _is_host(value):
+            raise ValueError("must be an IP address or a host name")
         return value
 
     @field_validator("runner_state_url")
@@ -207,6 +223,18 @@ class Settings(BaseSettings):
             if password:
                 found.append(str(password))
         return found
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+
+
+def _is_host(value: str) -> bool:
+    """An IP literal or a DNS name (labels of letters, digits, `-` and `_` as container names use)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return len(value) <= 253 and _HOST_NAME.fullmatch(value) is not None
+    return True
 
 
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*")

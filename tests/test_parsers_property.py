@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.agent.rating import MAX_NOTES_CHARS, parse_failure_row, parse_ratings
-from runner.mana.auth import AuthClient, Login, Space
+from runner.mana.auth import AuthClient, Login, personal_space_of
 from runner.mana.errors import ManaError, RetryPolicy, decode_json
 from runner.mana.personas_api import DueLimits, DueList, PersonasApi, parse_due
 from runner.persona import PARSE_MODULE, DuePersona
@@ -166,8 +166,12 @@ def test_login_and_space_answers_are_a_result_or_a_mana_error(
             with contextlib.suppress(ManaError):
                 assert isinstance(await auth.login("a@b.c", "password-123456"), Login)
             with contextlib.suppress(ManaError):
-                space = await auth.personal_space(Login("u", "token"), "a@b.c", "password-123456")
-                assert isinstance(space, Space) and isinstance(space.id, str)
+                listed = await auth.spaces_by_bearer(Login("u", "token"))
+                assert listed is None or isinstance(personal_space_of(listed), str)
+            with contextlib.suppress(ManaError):
+                assert isinstance(personal_space_of(await auth.spaces_by_cookie("mana.session_token=x")), str)
+            with contextlib.suppress(ManaError):
+                assert isinstance(await auth.vault_exists(Login("u", "token")), bool)
 
     asyncio.run(login())
 

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from runner.agent.rating import MAX_NOTES_CHARS, parse_failure_row, parse_ratings
 from runner.mana.auth import AuthClient, Login, personal_space_of
-from runner.mana.http import shared_client
 from runner.mana.errors import ManaError, RetryPolicy, decode_json
+from runner.mana.http import shared_client
 from runner.mana.personas_api import DueLimits, DueList, PersonasApi, parse_due
 from runner.persona import PARSE_MODULE, DuePersona
 from runner.settings import Settings, SettingsError, load_settings

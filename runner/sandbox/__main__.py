@@ -10,9 +10,9 @@ import argparse
 import asyncio
 import json
 import os
-from pathlib import Path
 import signal
 import sys
+from pathlib import Path
 
 from runner.persona import DEV_SEED_SECRET
 from runner.sandbox import Sandbox, SandboxConfig, SignInLimit

@@ -39,7 +39,7 @@ async def provider_factory(settings: Settings) -> AsyncIterator[ProviderFactory]
     # the tests that bring their own provider and every command but serve/once/demo never use them.
     from anthropic import AsyncAnthropic
 
-    from runner.agent.providers.anthropic import AnthropicProvider
+    from runner.agent.providers.anthropic import AnthropicProvider, Warmup
 
     client = AsyncAnthropic(
         api_key=settings.anthropic_api_key.get_secret_value() or None,
@@ -47,9 +47,12 @@ async def provider_factory(settings: Settings) -> AsyncIterator[ProviderFactory]
         max_retries=settings.anthropic_max_retries,
         timeout=120.0,
     )
+    price = settings.model_price
+    # One for the process: every tick's first request learns whether the shared tool prefix is cached.
+    warmup = Warmup()
     try:
         yield lambda p, tid: AnthropicProvider(
-            client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language
+            client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language, price, warmup
         )
     finally:
         await client.close()

@@ -425,9 +425,10 @@ def default_brain(body: dict[str, Any]) -> tuple[list[Block], str]:
     declared: list[dict[str, Any]] = body.get("tools") or []
     # Like a model reading the descriptions: a tool kept for when it is asked for waits until then.
     tools = [t for t in declared if not str(t.get("description", "")).startswith("Only when")]
-    asked = asked_tool(body)
-    choice: dict[str, Any] = body.get("tool_choice") or ({"type": "tool", "name": asked} if asked else {"type": "auto"})
     messages: list[dict[str, Any]] = body["messages"]
+    asked = asked_tool(body)
+    instruction = " ".join(b.get("text", "") for b in _blocks(messages[-1]) if b.get("type") == "text")
+    choice: dict[str, Any] = body.get("tool_choice") or ({"type": "tool", "name": asked} if asked else {"type": "auto"})
     tool_turns = sum(
         1 for m in messages if m["role"] == "assistant" and any(b.get("type") == "tool_use" for b in _blocks(m))
     )
@@ -436,7 +437,9 @@ def default_brain(body: dict[str, Any]) -> tuple[list[Block], str]:
     def use(tool: dict[str, Any]) -> Block | None:
         rng = random.Random(f"{tool_turns}:{tool['name']}")
         schema = tool["input_schema"]
-        arguments = _one_per_enum(schema, rng) or generate(schema, rng, tool=_mcp_name(tool["name"]), ids=ids)
+        arguments = _one_per_enum(schema, rng, instruction) or generate(
+            schema, rng, tool=_mcp_name(tool["name"]), ids=ids
+        )
         if arguments is None:
             return None
         return {"type": "tool_use", "id": "toolu_" + secrets.token_hex(12), "name": tool["name"], "input": arguments}
@@ -494,16 +497,19 @@ def _seen_ids(messages: list[dict[str, Any]]) -> IdPool:
     return ids
 
 
-def _one_per_enum(schema: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+def _one_per_enum(schema: dict[str, Any], rng: random.Random, asked: str = "") -> dict[str, Any] | None:
     """A model rating its day gives one item per module, every field filled: an array of objects
-    keyed by an enum gets one item per enum value (each from the generator), e.g. submit_ratings."""
+    keyed by an enum gets one item per enum value (each from the generator), e.g. submit_ratings;
+    when the instruction (`asked`) names some of the values, one item for each of those only."""
     for name, prop in (schema.get("properties") or {}).items():
         items = prop.get("items") if isinstance(prop, dict) and prop.get("type") == "array" else None
         keys = (items or {}).get("properties") or {}
         key = next((k for k, sub in keys.items() if isinstance(sub, dict) and sub.get("enum")), None)
         if items is not None and key is not None:
+            values = keys[key]["enum"]
+            named = [v for v in values if isinstance(v, str) and v in asked]
             out = []
-            for value in keys[key]["enum"]:
+            for value in named or values:
                 item = generate({**items, "required": list(keys)}, rng) or {}
                 out.append({**item, key: value})
             rest = generate({**schema, "properties": {k: v for k, v in schema["properties"].items() if k != name}}, rng)

@@ -39,11 +39,9 @@ for path in (REPO, REPO / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-WEEKDAY = "2026-11-25T09:30:00+00:00"  # a Wednesday: daily personas are due whatever day it is
-SEED_SECRET = "bench-seed-secret"
-SERVICE_KEY = "bench-service-key"
+from bench.run_bench import PERSONA_SPEC, SEED_SECRET, SERVICE_KEY, WEEKDAY  # noqa: E402  # the same fleet
+
 MODEL = "claude-haiku-4-5"
-MODULE_MIX = {"todo": 0.4, "journal": 0.3, "mood": 0.3}
 
 
 async def measure(personas: int, concurrency: int, latency_s: float) -> dict[str, Any]:
@@ -82,13 +80,8 @@ async def measure(personas: int, concurrency: int, latency_s: float) -> dict[str
     ):
         (await control.post("/__sandbox/clock", json={"now": WEEKDAY})).raise_for_status()
         for i in range(personas):
-            spec = {
-                "name": f"cache{i:03d}",
-                "archetype": "bench",
-                "systemPrompt": f"Du bist Persona {i}: du planst den Tag, schreibst Tagebuch, notierst die Stimmung.",
-                "moduleMix": MODULE_MIX,
-                "tickCadence": "daily",
-            }
+            # Each persona its own system prompt: only the tool list is shared.
+            spec = {**PERSONA_SPEC, "name": f"cache{i:03d}", "systemPrompt": f"{PERSONA_SPEC['systemPrompt']} ({i})"}
             (await control.post("/__sandbox/personas", json=spec)).raise_for_status()
         settings = load_settings(
             mana_api_url=sandbox.api_url,

@@ -4,21 +4,13 @@ caching stand-in and meets the targets it reports on (issue 16)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from procs import ROOT
+from procs import run_tiny_bench
 
 
 def test_tiny_caching_bench_runs_and_meets_its_targets(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "bench/caching.py", "--tiny", "--out", str(tmp_path), "--name", "t"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_tiny_bench("caching.py", tmp_path, "t")
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "caching-t.json").read_text())["results"]
     assert [r["concurrency"] for r in results] == [1, 4, 8]

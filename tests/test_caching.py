@@ -178,3 +178,27 @@ async def test_a_cold_prefix_is_sent_alone_then_requests_go_together_until_it_ex
     assert await burst() == 4  # warm: all at once
     clock.now += 301
     assert await burst() == 1  # expired: alone again
+
+
+async def test_a_rating_handed_in_during_the_day_is_no_tool_call_and_the_rating_turn_asks_again(
+    mana: Mana, tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    # The rating tool is declared all day (one shared prefix); a model may reach for it early.
+    def eager(body: dict[str, Any]) -> Any:
+        if len(body["messages"]) == 1:
+            rating = {"type": "tool_use", "name": "submit_ratings", "input": {"ratings": []}}
+            todo = {"type": "tool_use", "name": "todo_list", "input": {}}
+            return [rating, todo], "tool_use"
+        return default_brain(body)
+
+    fake_anthropic.brain = eager
+    persona = await mana.add_persona("eager")
+    settings = mana.settings(
+        tmp_path, llm_provider="anthropic", anthropic_base_url=fake_anthropic.base_url, anthropic_api_key="k-test"
+    )
+    async with open_runner(settings) as runtime:
+        await run_once(runtime)
+    rows = [a["toolName"] for a in await mana.get("actions") if a["personaId"] == persona["userId"]]
+    assert rows and "submit_ratings" not in rows and rows[0] == "todo.list"
+    feedback = [f["module"] for f in await mana.get("feedback") if f["personaId"] == persona["userId"]]
+    assert "todo" in feedback and "__parse" not in feedback

@@ -2,8 +2,8 @@
 
 Real ticks (the sandbox's 33 real tools, the real anthropic SDK over loopback, no mocks): the
 shared tool prefix is written once per burst and read by every other tick, nothing written
-goes unread, the conversation reads its cache, and the cost the runner counts is the usage the
-stand-in reported, priced.
+goes unread, the conversation reads its cache, and the cost the runner counts (per tick and in
+`persona_llm_cost_usd_total`) is the usage the stand-in reported, priced.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ from conftest import Mana, open_runner
 from fake_anthropic import FakeAnthropic, asked_tool, default_brain
 
 from runner import metrics
-from runner.agent.loop import ToolDef
+from runner.agent.loop import Entry, Provider, RatingReply, ToolDef, Turn
 from runner.agent.providers.anthropic import Warmup, api_names, tool_params
 from runner.cost import DEFAULT_PRICES_FILE, cost_usd, load_prices
 from runner.dispatch import run_once
+from runner.persona import DuePersona
+from runner.runtime import open_runtime, provider_factory
 
 MODEL = "claude-haiku-4-5"
 
@@ -33,6 +36,26 @@ async def _thinking(body: dict[str, Any]) -> Any:
     # ticks of a burst all reach the model while the first write is under way, as against the real API.
     await asyncio.sleep(0.3 if len(body["messages"]) == 1 else 0.02)
     return default_brain(body)
+
+
+class _Counting:
+    """The runner's own provider, with what each of its answers cost summed per tick (system prompt)."""
+
+    def __init__(self, inner: Provider, per_tick: dict[str, float]) -> None:
+        self._inner = inner
+        self._per_tick = per_tick
+
+    async def next_turn(self, system: str, tools: list[ToolDef], transcript: list[Entry]) -> Turn:
+        turn = await self._inner.next_turn(system, tools, transcript)
+        self._per_tick[system] += turn.usage.cost_usd
+        return turn
+
+    async def rate(
+        self, system: str, tools: list[ToolDef], transcript: list[Entry], prompt: str, modules: list[str]
+    ) -> RatingReply:
+        reply = await self._inner.rate(system, tools, transcript, prompt, modules)
+        self._per_tick[system] += reply.usage.cost_usd
+        return reply
 
 
 def _ok(fake: FakeAnthropic) -> list[Any]:
@@ -56,8 +79,14 @@ async def test_a_burst_writes_the_shared_prefix_once_and_every_write_is_read(
         persona_concurrency=10,
     )
     counted_before = _cost_counted()
-    async with open_runner(settings) as runtime:
-        report = await run_once(runtime)
+    per_tick: dict[str, float] = defaultdict(float)  # the runner's cost of each tick, by its system prompt
+    async with provider_factory(settings) as chosen:
+
+        def counting(persona: DuePersona, tick: str) -> Provider:
+            return _Counting(chosen(persona, tick), per_tick)
+
+        async with open_runtime(settings, counting) as runtime:
+            report = await run_once(runtime)
     assert len(report.ticks) == 10 and report.backlog == 0
     ok = _ok(fake_anthropic)
 
@@ -86,10 +115,15 @@ async def test_a_burst_writes_the_shared_prefix_once_and_every_write_is_read(
     total = sum(u["input_tokens"] + u["cache_read_input_tokens"] + u["cache_creation_input_tokens"] for u in later)
     assert read / total >= 0.95, read / total
 
-    # What the runner counted is what the stand-in reported, priced.
+    # What the runner counted, per tick and in the metric, is what the stand-in reported, priced.
     price = load_prices(DEFAULT_PRICES_FILE).models[MODEL]
-    reported = sum(cost_usd(Usage.model_validate(x.response["usage"]), price) for x in ok)
-    assert reported > 0 and abs((_cost_counted() - counted_before) - reported) < 1e-12
+    reported: dict[str, float] = defaultdict(float)
+    for x in ok:
+        reported[x.body["system"][0]["text"]] += cost_usd(Usage.model_validate(x.response["usage"]), price)
+    assert reported.keys() == per_tick.keys() and len(reported) == 10
+    assert all(abs(per_tick[tick] - cost) < 1e-12 for tick, cost in reported.items())
+    total = sum(reported.values())
+    assert total > 0 and abs((_cost_counted() - counted_before) - total) < 1e-12
 
 
 async def test_another_tool_order_or_schema_text_misses_the_shared_prefix(

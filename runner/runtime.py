@@ -41,13 +41,13 @@ async def provider_factory(settings: Settings) -> AsyncIterator[ProviderFactory]
 
     from runner.agent.providers.anthropic import AnthropicProvider, Warmup
 
+    price = settings.model_price
     client = AsyncAnthropic(
         api_key=settings.anthropic_api_key.get_secret_value() or None,
         base_url=settings.anthropic_base_url,
         max_retries=settings.anthropic_max_retries,
         timeout=120.0,
     )
-    price = settings.model_price
     # One for the process: every tick's first request learns whether the shared tool prefix is cached.
     warmup = Warmup()
     try:

@@ -34,6 +34,12 @@ TOOL_LATENCY = Histogram(
     registry=REGISTRY,
 )
 LLM_TOKENS = Counter("persona_llm_tokens_total", "Model tokens by kind.", ["kind"], registry=REGISTRY)
+LLM_COST = Counter(
+    "persona_llm_cost_usd_total",
+    "What model calls cost, in USD, priced from the price table (MODEL_PRICES_FILE).",
+    ["model"],
+    registry=REGISTRY,
+)
 ROWS_DELIVERED = Counter("persona_rows_delivered_total", "Rows the API accepted, by kind.", ["kind"], registry=REGISTRY)
 BATCHES_REFUSED = Counter(
     "persona_batches_refused_total",

@@ -41,17 +41,20 @@ async def provider_factory(settings: Settings) -> AsyncIterator[ProviderFactory]
     # the tests that bring their own provider and every command but serve/once/demo never use them.
     from anthropic import AsyncAnthropic
 
-    from runner.agent.providers.anthropic import AnthropicProvider
+    from runner.agent.providers.anthropic import AnthropicProvider, Warmup
 
+    price = settings.model_price
     client = AsyncAnthropic(
         api_key=settings.anthropic_api_key.get_secret_value() or None,
         base_url=settings.anthropic_base_url,
         max_retries=settings.anthropic_max_retries,
         timeout=120.0,
     )
+    # One for the process: every tick's first request learns whether the shared tool prefix is cached.
+    warmup = Warmup()
     try:
         yield lambda p, tid: AnthropicProvider(
-            client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language
+            client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language, price, warmup
         )
     finally:
         await client.close()

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Literal
 
 import httpx
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from runner.agent.policy import ToolPolicy, parse_patterns
+from runner.cost import DEFAULT_PRICES_FILE, Price, PriceFileError, PriceTable, load_prices
 from runner.persona import DEV_SEED_SECRET
 
 
@@ -44,6 +45,8 @@ class Settings(BaseSettings):
     anthropic_base_url: str | None = None
     anthropic_model: str = "claude-haiku-4-5"
     anthropic_max_retries: int = Field(default=4, ge=0, le=10)
+    # USD per million tokens per model, dated (config/model-prices.json); read and checked at start.
+    model_prices_file: Path = DEFAULT_PRICES_FILE
     llm_provider: Literal["anthropic", "scripted"] = "anthropic"
     llm_max_tokens: int = Field(default=1024, ge=64, le=8192)
     scripted_seed: str = "mana"
@@ -94,6 +97,8 @@ class Settings(BaseSettings):
     runner_lease_s: float = Field(default=60, ge=1, le=3600)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    _prices: PriceTable | None = PrivateAttr(default=None)
 
     @field_validator("mana_api_url", "mana_auth_url", "mana_mcp_url", "anthropic_base_url")
     @classmethod
@@ -200,6 +205,28 @@ class Settings(BaseSettings):
             if self.runner_diag:
                 raise ValueError("RUNNER_DIAG: the diagnostics endpoints are not served in production")
         return self
+
+    @model_validator(mode="after")
+    def _priced_model(self) -> Settings:
+        # A model without a price would cost money the runner reports as zero: refused at start.
+        try:
+            self._prices = load_prices(self.model_prices_file)
+        except PriceFileError as exc:
+            raise ValueError(f"MODEL_PRICES_FILE: {exc}") from None
+        if self.llm_provider == "anthropic" and self._prices.price(self.anthropic_model) is None:
+            raise ValueError(
+                f"ANTHROPIC_MODEL: no price for {self.anthropic_model!r} in {self.model_prices_file} "
+                f"(as of {self._prices.as_of}); add its row there or point MODEL_PRICES_FILE at a table that has it"
+            )
+        return self
+
+    @property
+    def model_price(self) -> Price:
+        """ANTHROPIC_MODEL's row of the price table (checked at start for the anthropic provider)."""
+        price = self._prices.price(self.anthropic_model) if self._prices is not None else None
+        if price is None:
+            raise SettingsError(f"ANTHROPIC_MODEL: no price for {self.anthropic_model!r}")
+        return price
 
     @property
     def production(self) -> bool:

@@ -390,6 +390,8 @@ def metrics_usage(state: Play) -> None:
     for kind, count in state.usage.by_kind().items():
         if count:
             metrics.LLM_TOKENS.labels(kind=kind).inc(count)
+    if state.usage.cost_usd:
+        metrics.LLM_COST.labels(model=state.usage.model).inc(state.usage.cost_usd)
     state.usage = type(state.usage)()  # counted once, even when a failure path reports again
 
 

@@ -338,3 +338,47 @@ async def test_a_prune_of_more_ticks_than_sqlite_binds_works_in_bounded_chunks(t
         assert await journal.batch_counts() == {"pending": 0, "parked": 1, "refused": 0, "delivered": 0}
     finally:
         await journal.close()
+
+
+GOOD_ROW = '{"input": 1, "cache_write_5m": 1.25, "cache_write_1h": 2, "cache_read": 0.1, "output": 5}'
+
+
+@pytest.mark.parametrize(
+    ("table", "extra", "says"),
+    [
+        ("{not json", {}, "not JSON"),
+        (
+            '{"as_of": "2026-12-01", "models": {"claude-haiku-4-5": {"input": "x"}}}',
+            {},
+            "models.claude-haiku-4-5.input",
+        ),
+        ('{"as_of": "2026-12-01", "models": {}}', {}, "models"),
+        ('{"as_of": "someday", "models": {"claude-haiku-4-5": ' + GOOD_ROW + "}}", {}, "as_of"),
+        ('{"as_of": "2026-12-01", "models": {"m": ' + GOOD_ROW.replace("5}", "-5}") + "}}", {}, "output"),
+        ('{"as_of": "2026-12-01", "unit": "EUR", "models": {"m": ' + GOOD_ROW + "}}", {}, "USD per million"),
+        (None, {}, "cannot be read"),
+        (
+            '{"as_of": "2026-12-01", "models": {"claude-haiku-4-5": ' + GOOD_ROW + "}}",
+            {"LLM_PROVIDER": "anthropic", "ANTHROPIC_MODEL": "claude-nonesuch-9"},
+            "ANTHROPIC_MODEL: no price for 'claude-nonesuch-9'",
+        ),
+    ],
+)
+def test_a_bad_price_file_or_a_model_without_a_price_is_one_line_and_exit_2(
+    table: str | None, extra: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    prices = tmp_path / "prices.json"
+    if table is not None:
+        prices.write_text(table, encoding="utf-8")
+    done = run(["once"], clean_env(tmp_path, RUNNER_PAUSED="true", MODEL_PRICES_FILE=str(prices), **extra))
+    assert done.returncode == 2
+    line = error_line(done)
+    assert line.startswith("error: ANTHROPIC_MODEL" if extra else "error: MODEL_PRICES_FILE") and says in line
+
+
+def test_a_dated_model_name_is_priced_by_its_models_row(tmp_path: Path) -> None:
+    env = clean_env(
+        tmp_path, RUNNER_PAUSED="true", LLM_PROVIDER="anthropic", ANTHROPIC_MODEL="claude-haiku-4-5-20251001"
+    )
+    done = run(["once"], env)
+    assert done.returncode == 0, done.stderr[-2000:]

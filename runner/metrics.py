@@ -20,6 +20,11 @@ TOOL_DECISIONS = Counter(
     registry=REGISTRY,
 )
 ERRORS = Counter("persona_errors_total", "Failures by the stage they happened in.", ["stage"], registry=REGISTRY)
+# At 0 from the start, so rate() and increase() (deploy/'s panels and alerts) see the first one too.
+for _outcome in ("ok", "failed", "timeout", "interrupted", "deferred"):
+    TICKS.labels(outcome=_outcome)
+for _stage in ("login", "spaces"):  # the sign-in stages (session.py), deploy/'s "sign-ins failing"
+    ERRORS.labels(stage=_stage)
 TICK_DURATION = Histogram(
     "persona_tick_duration_seconds",
     "Wall time of one tick, login to seal.",

@@ -46,7 +46,7 @@ def rule_expressions() -> dict[str, str]:
         elif m := re.match(r"(\s*)expr: (.*)$", line):
             indent, value = len(m[1]), m[2]
             if value == "|":
-                block = []
+                block: list[str] = []
                 for following in lines[i + 1 :]:
                     if following.strip() and len(following) - len(following.lstrip()) <= indent:
                         break

@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import structlog
+from opentelemetry import trace
 
-from runner import metrics
+from runner import metrics, tracing
 from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, play
 from runner.agent.policy import Decision, ToolPolicy, summary
 from runner.agent.prompts import Language, liked_modules, rating_prompt, system_prompt
@@ -94,8 +95,18 @@ class _Progress:
                 deadline.reschedule(when + (loop.time() - started))
 
 
-async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
-    """Run one claimed tick to its sealed (or deferred) end. Cancellation seals it as interrupted."""
+async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim, window: str = "") -> Outcome:
+    """Run one claimed tick to its sealed (or deferred) end. Cancellation seals it as interrupted.
+
+    The tick is one trace when tracing is on (runner/tracing.py): its span is current while it runs.
+    """
+    with tracing.tick_span(persona, claim.tick_id, window) as span:
+        outcome = await _run_tick(deps, persona, claim)
+        tracing.ended(span, outcome)
+        return outcome
+
+
+async def _run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
     structlog.contextvars.bind_contextvars(persona=persona.email, tick_id=claim.tick_id, stage="login")
     progress = _Progress()
     started = time.monotonic()
@@ -227,6 +238,7 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     session = progress.session = _session(deps, persona.email, persona.user_id, progress)
     await session.open(vault=True)
     await deps.journal.record_tick_space(claim.tick_id, persona.user_id, session.space.id, session.space.via)
+    trace.get_current_span().set_attribute("mana.space.id", session.space.id)
 
     _stage(progress, "mcp")
     progress.gateway = _gateway(config, session)

@@ -122,15 +122,28 @@ class Mana:
         return load_settings(**values)
 
 
+@asynccontextmanager
+async def open_mana(tmp_path: Path, **config: Any) -> AsyncIterator[Mana]:
+    """The sandbox on loopback (its config's defaults overridden by `config`), clock on a weekday,
+    plus a client for its inspection routes."""
+    settings = SandboxConfig(
+        **{
+            "db_path": str(tmp_path / "sandbox.db"),
+            "seed_secret": SEED_SECRET,
+            "service_key": SERVICE_KEY,
+            "mcp_surface": MCP_SURFACE,
+            **config,
+        }
+    )
+    async with Sandbox(settings) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url, timeout=30) as control:
+        world = Mana(sandbox, settings, control)
+        await world.post("clock", {"now": WEEKDAY})
+        yield world
+
+
 @pytest.fixture
 async def mana(tmp_path: Path) -> AsyncIterator[Mana]:
-    """The sandbox on loopback, clock on a weekday, plus a client for its inspection routes."""
-    config = SandboxConfig(
-        db_path=str(tmp_path / "sandbox.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, mcp_surface=MCP_SURFACE
-    )
-    async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url, timeout=30) as control:
-        world = Mana(sandbox, config, control)
-        await world.post("clock", {"now": WEEKDAY})
+    async with open_mana(tmp_path) as world:
         yield world
 
 

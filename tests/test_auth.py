@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
-from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana, open_runner
+from conftest import SEED_SECRET, SERVICE_KEY, Mana, open_mana, open_runner
 from procs import start_sandbox
 
 from runner.dispatch import RoundReport, run_once
@@ -31,7 +31,7 @@ from runner.journal import Journal
 from runner.log import redact
 from runner.mana.auth import LoginLimiter
 from runner.persona import TICK_ROW, derive_password
-from runner.sandbox import Sandbox, SandboxConfig, SignInLimit
+from runner.sandbox import SignInLimit
 from runner.settings import Settings, SettingsError, load_settings, parse_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,26 +41,8 @@ OPAQUE_ID = re.compile(r"[A-Za-z0-9]{32}")
 @pytest.fixture
 async def bearer_mana(tmp_path: Path) -> AsyncIterator[Mana]:
     """A future Mana whose space list takes Bearer."""
-    async with _world(tmp_path, spaces_accept_bearer=True) as world:
+    async with open_mana(tmp_path, spaces_accept_bearer=True) as world:
         yield world
-
-
-class _world:
-    def __init__(self, tmp_path: Path, **config: Any) -> None:
-        self.config = SandboxConfig(
-            db_path=str(tmp_path / "sandbox.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, **config
-        )
-
-    async def __aenter__(self) -> Mana:
-        self.sandbox = await Sandbox(self.config).__aenter__()
-        self.control = httpx.AsyncClient(base_url=self.sandbox.api_url, timeout=30)
-        world = Mana(self.sandbox, self.config, self.control)
-        await world.post("clock", {"now": WEEKDAY})
-        return world
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.control.aclose()
-        await self.sandbox.__aexit__(None, None, None)
 
 
 async def _once(settings: Settings) -> tuple[RoundReport, dict[str, tuple[str, str]], Any]:
@@ -196,7 +178,7 @@ async def test_journal_remembers_forgets_and_ages_spaces(tmp_path: Path) -> None
 
 async def test_thirty_personas_at_concurrency_eight_meet_no_429(tmp_path: Path) -> None:
     # Scaled: 3 sign-ins per 1 s (the real limit is 3 per 10 s), enforced by the sandbox like Better Auth.
-    async with _world(tmp_path, signin_limit=SignInLimit("on", 3, 1.0)) as world:
+    async with open_mana(tmp_path, signin_limit=SignInLimit("on", 3, 1.0)) as world:
         for n in range(20):
             await world.add_persona(f"crowd{n:02d}")
         # A tick timeout far shorter than the round: waiting for a login slot must not count toward it.
@@ -321,7 +303,7 @@ async def _post(http: httpx.AsyncClient, url: str, email: str, password: str, **
 
 
 async def test_sandbox_sign_in_sets_a_signed_cookie_and_limits_both_routes(tmp_path: Path) -> None:
-    async with _world(tmp_path, signin_limit=SignInLimit("auto", 3, 1.0)) as world, httpx.AsyncClient() as http:
+    async with open_mana(tmp_path, signin_limit=SignInLimit("auto", 3, 1.0)) as world, httpx.AsyncClient() as http:
         base = world.sandbox.auth_url
         email = "persona.lena@mana.test"
         password = derive_password(SEED_SECRET, email)

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana, open_runner, serving
+from conftest import SEED_SECRET, SERVICE_KEY, WEEKDAY, Mana, open_mana, open_runner, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import SandboxProcess, free_port, start_sandbox, until
@@ -36,7 +36,6 @@ from runner.mana.auth import AuthClient, LoginLimiter
 from runner.mana.errors import RetryPolicy
 from runner.mana.http import shared_client
 from runner.persona import TICK_ROW, derive_password
-from runner.sandbox import Sandbox, SandboxConfig
 from runner.session import PersonaSession, SessionConfig
 
 SIGN_INS = {"/api/auth/sign-in/email", "/api/v1/auth/login"}
@@ -77,12 +76,7 @@ async def crowd(tmp_path: Path) -> AsyncIterator[Mana]:
     """The sandbox with 20 plain personas, the space list refusing Bearer (the real default)."""
     people = tmp_path / "people.json"
     people.write_text(json.dumps(cast(20)), encoding="utf-8")
-    config = SandboxConfig(
-        db_path=str(tmp_path / "sandbox.db"), seed_secret=SEED_SECRET, service_key=SERVICE_KEY, personas_file=people
-    )
-    async with Sandbox(config) as sandbox, httpx.AsyncClient(base_url=sandbox.api_url, timeout=30) as control:
-        world = Mana(sandbox, config, control)
-        await world.post("clock", {"now": WEEKDAY})
+    async with open_mana(tmp_path, personas_file=people) as world:
         yield world
 
 

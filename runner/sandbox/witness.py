@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from runner.sandbox.auth import AuthService
 
 SessionOwner = Callable[[str], str | None]
+ORGANIZATION = "/api/auth/organization/"
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -92,7 +93,8 @@ class Witness:
             owners.add(str(claims.get("sub")) if claims else "<unknown token>")
         if self.session_owner is not None and (session_id := headers.get("mcp-session-id")):
             owners.add(self.session_owner(session_id) or "<unknown session>")
-        if self.service == "auth" and scope["method"] == "POST":
+        # A sign-in's email is a credential; an invitation's names its invitee, who sent nothing.
+        if self.service == "auth" and scope["method"] == "POST" and not scope["path"].startswith(ORGANIZATION):
             body = await read_body(receive)
             receive = replay(body, receive)
             if (email := _email(body)) is not None:

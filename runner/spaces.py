@@ -12,6 +12,7 @@ change, so bad input changes nothing. A refusal halfway leaves what was done, an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tomllib
@@ -62,6 +63,17 @@ class SpaceModules:
     def allows(self, space_type: str, module: str) -> bool:
         allowed = self.allowlist.get(space_type, frozenset())
         return allowed is None or module in allowed
+
+
+def draw(tick_id: str, purpose: str) -> float:
+    """A number in [0, 1) fixed by the tick id (a pure function of persona and window) and the purpose."""
+    digest = hashlib.sha256(f"{purpose}:{tick_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def shared_spaces(spaces: list[SpaceInfo], modules: SpaceModules) -> list[SpaceInfo]:
+    """The persona's shared spaces of a type Mana knows, in a stable order (a personal one is never shared)."""
+    return sorted((s for s in spaces if s.type in modules.types and s.type != PERSONAL), key=lambda s: s.id)
 
 
 def load_space_modules(path: Path) -> SpaceModules:

@@ -22,8 +22,8 @@ import structlog
 
 from runner import metrics
 from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, play
-from runner.agent.policy import Decision, ToolPolicy, summary
-from runner.agent.prompts import Language, liked_modules, rating_prompt, system_prompt
+from runner.agent.policy import Decision, SpaceScope, ToolPolicy, summary
+from runner.agent.prompts import Language, SharedPlace, liked_modules, rating_prompt, system_prompt
 from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
 from runner.log import get_logger
@@ -32,6 +32,7 @@ from runner.mana.errors import ApiError, ManaError, TransportError
 from runner.mana.mcp import McpGateway, SpaceRefused, ToolSpec, error_message
 from runner.persona import TICK_ROW, ActionRow, DuePersona, input_hash, module_of
 from runner.session import PersonaSession, SessionConfig
+from runner.spaces import SpaceModules, draw, shared_spaces
 
 log = get_logger("runner.tick")
 
@@ -52,6 +53,11 @@ class TickConfig:
     policy: ToolPolicy = field(default_factory=ToolPolicy)
     # One TLS context for every MCP session of the process, built once.
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
+    # Shared spaces (issue 15): the allowlist per space type (None: every tick plays in the personal
+    # space), the share of windows played in a shared space, and a scope probe once per window.
+    space_modules: SpaceModules | None = None
+    shared_share: float = 0.0
+    scope_probe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,14 +194,47 @@ def _session(
     )
 
 
-def _gateway(config: TickConfig, session: PersonaSession) -> McpGateway:
+def _gateway(config: TickConfig, session: PersonaSession, space_id: str | None = None) -> McpGateway:
+    """An MCP session in the persona's personal space, or in `space_id` (the space is fixed per session)."""
     # Renewal through the session: a new sign-in that never spends a lockout attempt twice.
-    return McpGateway(config.mcp_url, session.space.id, session.jwt, session.renew, config.call_timeout_s, config.tls)
+    space = space_id or session.space.id
+    return McpGateway(config.mcp_url, space, session.jwt, session.renew, config.call_timeout_s, config.tls)
 
 
-def _decide(policy: ToolPolicy, specs: list[ToolSpec]) -> list[Decision]:
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """The space a tick plays in: how it was known, its type, and for a shared one its scope and members."""
+
+    space_id: str
+    via: str
+    type: str = "personal"
+    scope: SpaceScope | None = None
+    place: SharedPlace | None = None
+
+
+async def _where(config: TickConfig, session: PersonaSession, tick_id: str) -> _Where:
+    """The personal space, or for PERSONA_SHARED_SPACE_SHARE of windows one of the persona's shared spaces.
+
+    Both draws depend on the tick id alone, so a retried or resumed tick plays where it played before.
+    Only a window drawn for a shared space asks for the space list (on today's Mana one more sign-in).
+    """
+    personal = _Where(session.space.id, session.space.via)
+    modules = config.space_modules
+    if modules is None or draw(tick_id, "shared") >= config.shared_share:
+        return personal
+    shared = shared_spaces(await session.spaces(), modules)
+    if not shared:
+        return personal
+    space = shared[int(draw(tick_id, "which") * len(shared))]
+    assert space.type is not None  # shared_spaces keeps only known types
+    others = [m.name or m.email for m in await session.members(space.id) if m.email.lower() != session.email.lower()]
+    scope = SpaceScope(space.type, modules.allowlist[space.type])
+    return _Where(space.id, "list", space.type, scope, SharedPlace(space.name, space.type, others))
+
+
+def _decide(policy: ToolPolicy, specs: list[ToolSpec], scope: SpaceScope | None = None) -> list[Decision]:
     """The policy's decisions for this tick, counted in metrics and logged once."""
-    decisions = policy.decide(specs)
+    decisions = policy.decide(specs, scope)
     for d in decisions:
         metrics.TOOL_DECISIONS.labels(
             tool=metrics.tool_label(d.name), decision="offered" if d.offered else "withheld", rule=d.rule
@@ -226,14 +265,15 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     config = deps.config
     session = progress.session = _session(deps, persona.email, persona.user_id, progress)
     await session.open(vault=True)
-    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, session.space.id, session.space.via)
+    where = await _where(config, session, claim.tick_id)
+    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, where.space_id, where.via, where.type)
 
     _stage(progress, "mcp")
-    progress.gateway = _gateway(config, session)
+    progress.gateway = _gateway(config, session, where.space_id)
     async with progress.gateway as gateway:
         specs = await gateway.tools()
         _stage(progress, "tools")
-        decisions = _decide(config.policy, specs)
+        decisions = _decide(config.policy, specs, where.scope)
         offered_names = {d.name for d in decisions if d.offered}
         if not offered_names:
             why = ", ".join(f"{rule}: {n}" for rule, n in summary(decisions).items())
@@ -244,7 +284,8 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         offered = [s for s in specs if s.name in offered_names]
         tools = [ToolDef(s.name, s.description, s.input_schema) for s in offered]
         modules = liked_modules(persona.module_mix, {module_of(s.name) for s in offered})
-        system = system_prompt(persona.system_prompt, modules, datetime.now(UTC).date(), config.language)
+        today = datetime.now(UTC).date()
+        system = system_prompt(persona.system_prompt, modules, today, config.language, where.place)
         provider = deps.make_provider(persona, claim.tick_id)
         call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered_names)
         progress.calls = call_tool

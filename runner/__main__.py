@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     spaces.add_argument(
         "--apply", action="store_true", help="create, invite and accept what is missing (never deletes)"
     )
+    probe = sub.add_parser("probe", help="a scope probe now for EMAIL (default: every persona of PERSONA_SPACES_FILE)")
+    probe.add_argument("email", nargs="?")
     sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
     args, rest = parser.parse_known_args(argv)
     command = args.command or "serve"
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_outbox(settings, retry=args.retry))
     if command == "spaces":
         return _run(_spaces(settings, apply=args.apply))
+    if command == "probe":
+        return _run(_probe(settings, args.email))
     return _run(_serve(settings))
 
 
@@ -253,6 +257,36 @@ async def _spaces(settings: Settings, *, apply: bool) -> int:
                     f"spaces: {item.space.slug}: {exc}; `python -m runner spaces` shows what remains"
                 ) from None
         print(f"{len(declared)} spaces declared, {len(steps)} steps done")
+    return 0
+
+
+async def _probe(settings: Settings, email: str | None) -> int:
+    """Scope probes now, each in a tick of its own; prints one verdict per persona and delivers the rows.
+
+    It owns the journal like `once` (a SQLite journal a daemon holds is refused: exit 2).
+    """
+    from runner.runtime import open_runtime
+    from runner.spaces import SpacesFileError, load_spaces
+    from runner.tick import probe_now
+
+    if email is not None:
+        emails = [email]
+    else:
+        try:
+            declared = load_spaces(settings.persona_spaces_file, settings.space_modules)
+        except SpacesFileError as exc:
+            raise _BadInput(str(exc)) from None
+        emails = list(dict.fromkeys(e for space in declared for e in space.members))
+    async with open_runtime(settings, _no_player) as runtime:
+        for who in emails:
+            verdict = await probe_now(runtime.tick_deps, who)
+            if verdict is None:
+                print(f"{who}: no shared space, nothing to probe")
+            else:
+                print(f"{who}: {'ok' if verdict.ok else verdict.message} ({verdict.calls} calls)")
+        backlog = await runtime.outbox.flush()
+    if backlog:
+        log.get_logger().warning("rows not yet accepted stay in the journal", batches=backlog)
     return 0
 
 

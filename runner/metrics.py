@@ -19,6 +19,18 @@ TOOL_DECISIONS = Counter(
     ["tool", "decision", "rule"],
     registry=REGISTRY,
 )
+SCOPE_PROBES = Counter(
+    "persona_scope_probes_total",
+    "Scope probes by verdict: ok, leak (a shared space showed personal data), unreadable (positive check failed).",
+    ["verdict"],
+    registry=REGISTRY,
+)
+SCOPE_LEAKS = Counter(
+    "persona_scope_leaks_total",
+    "Read tools that returned a personal canary in a shared space.",
+    ["tool"],
+    registry=REGISTRY,
+)
 ERRORS = Counter("persona_errors_total", "Failures by the stage they happened in.", ["stage"], registry=REGISTRY)
 TICK_DURATION = Histogram(
     "persona_tick_duration_seconds",

@@ -81,6 +81,7 @@ class PersonaSession:
         self._login: Login | None = None
         self._cookie: str | None = None  # Better Auth's signed session cookie, only if the space list needed it
         self._space: Space | None = None
+        self._spaces: list[SpaceInfo] | None = None  # the space list, asked once per session
 
     def __repr__(self) -> str:
         return f"PersonaSession(email={self.email!r}, user_id={self.user_id!r}, credentials=<redacted>)"
@@ -156,13 +157,19 @@ class PersonaSession:
     # --- the persona's spaces and Better Auth's organization routes (contract §8), with its own cookie.
 
     async def spaces(self) -> list[SpaceInfo]:
-        """Every space of the persona with its type: by Bearer where the list takes it, else by the cookie."""
-        self._stage("spaces")
-        if self._login is not None and self._auth.bearer_accepted:
-            listed = await self._auth.spaces_by_bearer(self._login)
-            if listed is not None:
-                return spaces_of(listed)
-        return spaces_of(await self._auth.spaces_by_cookie(await self._org_cookie()))
+        """Every space of the persona with its type: by Bearer where the list takes it, else by the cookie.
+
+        Asked once per session: a tick's shared-space draw and its probe read the same list.
+        """
+        if self._spaces is None:
+            self._stage("spaces")
+            listed = (
+                await self._auth.spaces_by_bearer(self._login) if self._login and self._auth.bearer_accepted else None
+            )
+            if listed is None:
+                listed = await self._auth.spaces_by_cookie(await self._org_cookie())
+            self._spaces = spaces_of(listed)
+        return self._spaces
 
     async def members(self, space_id: str) -> list[Member]:
         return await self._auth.members(await self._org_cookie(), space_id)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -28,9 +28,10 @@ from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
 from runner.log import get_logger
 from runner.mana.auth import AuthClient
-from runner.mana.errors import ApiError, ManaError, TransportError
-from runner.mana.mcp import McpGateway, SpaceRefused, ToolSpec, error_message
-from runner.persona import TICK_ROW, ActionRow, DuePersona, input_hash, module_of
+from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
+from runner.mana.mcp import McpGateway, SpaceRefused, ToolOutcome, ToolSpec, error_message
+from runner.persona import TICK_ROW, ActionRow, DuePersona, input_hash, module_of, tick_id
+from runner.probe import PROBE_TOOL, Probe, Verdict
 from runner.session import PersonaSession, SessionConfig
 from runner.spaces import SpaceModules, draw, shared_spaces
 
@@ -267,6 +268,9 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     await session.open(vault=True)
     where = await _where(config, session, claim.tick_id)
     await deps.journal.record_tick_space(claim.tick_id, persona.user_id, where.space_id, where.via, where.type)
+    first_seq = 0
+    if config.scope_probe:
+        first_seq, _ = await _probe(deps, claim, progress, session)
 
     _stage(progress, "mcp")
     progress.gateway = _gateway(config, session, where.space_id)
@@ -287,7 +291,7 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         today = datetime.now(UTC).date()
         system = system_prompt(persona.system_prompt, modules, today, config.language, where.place)
         provider = deps.make_provider(persona, claim.tick_id)
-        call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered_names)
+        call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered_names, first_seq)
         progress.calls = call_tool
 
         _stage(progress, "play")
@@ -316,6 +320,70 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     return used
 
 
+async def _probe(
+    deps: TickDeps, claim: Claim, progress: _Progress, session: PersonaSession
+) -> tuple[int, Verdict | None]:
+    """A scope probe (runner/probe.py) for a persona with a shared space: its calls are the tick's first rows,
+    its verdict one more (`__probe`). Returns the next call number and the verdict (None: no shared space)."""
+    config = deps.config
+    shared = shared_spaces(await session.spaces(), config.space_modules) if config.space_modules else []
+    if not shared:
+        return 0, None
+    _stage(progress, "probe")
+    seq = 0
+
+    async def call(gateway: McpGateway, name: str, args: dict[str, Any]) -> ToolOutcome:
+        nonlocal seq
+        progress.calls = _JournaledCalls(deps.journal, claim.tick_id, gateway, {name}, seq)
+        result = await progress.calls(ToolCall(f"probe-{seq}", name, args))
+        seq, progress.calls = progress.calls.next_seq, None
+        progress.play.calls += 1  # Mana was touched: the tick is never replayed from here
+        return ToolOutcome(not result.is_error, result.text)
+
+    members: dict[str, PersonaSession] = {}
+
+    async def member(email: str) -> PersonaSession:
+        if email not in members:
+            members[email] = _session(deps, email, None, progress)
+            await members[email].open(vault=True)
+        return members[email]
+
+    def open_gateway(who: PersonaSession, space_id: str) -> McpGateway:
+        return _gateway(config, who, space_id)
+
+    verdict = await Probe(session, claim.tick_id, call, open_gateway, member, config.policy).run(
+        shared, config.space_modules or SpaceModules({})
+    )
+    await deps.journal.begin_call(claim.tick_id, seq, PROBE_TOOL, None)
+    await deps.journal.end_call(claim.tick_id, seq, verdict.ok, verdict.message, 0)
+    progress.play.calls += 1
+    return seq + 1, verdict
+
+
+async def probe_now(deps: TickDeps, email: str) -> Verdict | None:
+    """`python -m runner probe`: one probe outside the schedule, in a tick of its own whose rows are sealed and
+    delivered like any other. None when the persona has no shared space."""
+    session = _session(deps, email)
+    await session.open(vault=True)
+    window = f"probe-{datetime.now(UTC):%Y-%m-%dT%H:%M:%S}"
+    claim = await deps.journal.claim(session.user_id, window, tick_id(session.user_id, window))
+    if claim is None:
+        raise PermanentError(f"probe: {email} was probed this second already", stage="probe")
+    progress = _Progress(session=session)
+    try:
+        _, verdict = await _probe(deps, claim, progress, session)
+    except BaseException as exc:
+        if progress.calls is not None:
+            await asyncio.shield(progress.calls.abandon("outcome unknown: the probe stopped during the call"))
+        why = f"probe: {type(exc).__name__}: {exc}" if not isinstance(exc, ManaError) else str(exc)
+        await asyncio.shield(
+            deps.journal.seal(claim.tick_id, "failed", ActionRow(TICK_ROW, "error", error_message=why))
+        )
+        raise
+    await deps.journal.seal(claim.tick_id, "ok", None if verdict is not None else ActionRow(TICK_ROW, "ok"))
+    return verdict
+
+
 class _JournaledCalls:
     """The tick's `call_tool`: journal the intent, call MCP, journal the outcome.
 
@@ -325,12 +393,14 @@ class _JournaledCalls:
     the model never asked for; its row hashes the input as the model gave it.
     """
 
-    def __init__(self, journal: Journal, tick_id: str, gateway: McpGateway, offered: set[str]) -> None:
+    def __init__(
+        self, journal: Journal, tick_id: str, gateway: McpGateway, offered: set[str], first_seq: int = 0
+    ) -> None:
         self._journal = journal
         self._tick_id = tick_id
         self._gateway = gateway
         self._offered = offered
-        self._seq = 0
+        self._seq = first_seq  # after the calls a probe made earlier in the tick
         self._in_flight: _InFlight | None = None
         self.used: list[str] = []
 
@@ -368,6 +438,10 @@ class _JournaledCalls:
         metrics.TOOL_LATENCY.labels(tool=label).observe(latency_ms / 1000)
         log.info("tool call", tool=call.name, ok=ok, latency_ms=latency_ms)
         return ToolResult(call.id, text, not ok)
+
+    @property
+    def next_seq(self) -> int:
+        return self._seq
 
     async def _end(self, seq: int, ok: bool, text: str, started: float) -> int:
         latency_ms = round((time.monotonic() - started) * 1000)

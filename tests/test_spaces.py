@@ -162,3 +162,19 @@ def test_a_refusal_halfway_leaves_what_was_done_and_shows_what_remains(sandbox: 
     assert members(sandbox, "familie-schmidt") == [(ANNA, "owner"), (BEN, "member")]  # done before the refusal
     shown = spaces(sandbox, tmp_path)
     assert "to do: team-marcus-lena: create team space" in shown.stdout and "familie-schmidt" not in shown.stdout
+
+
+def test_probe_command_probes_every_declared_persona_and_delivers_the_rows(
+    sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    assert spaces(sandbox, tmp_path, "--apply").returncode == 0
+    env = runner_env(sandbox, tmp_path / "runner.db", PERSONA_SPACES_FILE=str(PLAN))
+    done = subprocess.run(
+        [sys.executable, "-m", "runner", "probe"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == [ANNA, BEN, MARCUS, LENA]
+    assert all(": scope leak: " in line for line in lines), lines
+    verdicts = [r for r in sandbox.get("actions") if r["toolName"] == "__probe"]
+    assert len(verdicts) == 4 and all(r["errorMessage"].startswith("scope leak:") for r in verdicts)

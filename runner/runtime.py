@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from runner import tracing
 from runner.agent.providers.scripted import ScriptedProvider
 from runner.journal import Journal
 from runner.log import register_secret
@@ -53,8 +54,14 @@ async def provider_factory(settings: Settings) -> AsyncIterator[ProviderFactory]
     # One for the process: every tick's first request learns whether the shared tool prefix is cached.
     warmup = Warmup()
     try:
+        # Each tick's model calls carry its id as the conversation id of their spans (when traced).
         yield lambda p, tid: AnthropicProvider(
-            client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language, price, warmup
+            client.with_options(open_telemetry={"conversation_id": tid}),
+            settings.anthropic_model,
+            settings.llm_max_tokens,
+            settings.persona_language,
+            price,
+            warmup,
         )
     finally:
         await client.close()
@@ -66,6 +73,7 @@ async def open_runtime(settings: Settings, make_provider: ProviderFactory) -> As
     # Whoever builds a runtime gets redaction of its secrets in everything it logs, stores or serves.
     for secret in settings.secrets():
         register_secret(secret)
+    tracing.configure(settings.otel_exporter_otlp_endpoint, settings.otel_service_name)
     journal = await Journal.open(settings.journal_location, lease_s=settings.runner_lease_s)
     policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
     try:
@@ -89,6 +97,7 @@ async def open_runtime(settings: Settings, make_provider: ProviderFactory) -> As
             yield Runtime(settings, journal, api, Outbox(journal, api, outbox_policy), deps)
     finally:
         await journal.close()
+        tracing.shutdown()
 
 
 def auth_client(settings: Settings, http: httpx.AsyncClient, policy: RetryPolicy) -> AuthClient:

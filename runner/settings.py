@@ -109,13 +109,18 @@ class Settings(BaseSettings):
     runner_state_url: SecretStr | None = None
     # How long a replica's claim on a running tick (and on a batch it sends) holds without renewal.
     runner_lease_s: float = Field(default=60, ge=1, le=3600)
+    # OpenTelemetry's own variable: when set, each tick is one trace, exported over OTLP/HTTP.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "persona-runner"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     _prices: PriceTable | None = PrivateAttr(default=None)
     _space_modules: SpaceModules | None = PrivateAttr(default=None)
 
-    @field_validator("mana_api_url", "mana_auth_url", "mana_mcp_url", "anthropic_base_url")
+    @field_validator(
+        "mana_api_url", "mana_auth_url", "mana_mcp_url", "anthropic_base_url", "otel_exporter_otlp_endpoint"
+    )
     @classmethod
     def _http_origin(cls, value: str | None) -> str | None:
         if value is None:

@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import structlog
+from opentelemetry import trace
 
-from runner import metrics
+from runner import metrics, tracing
 from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, play
 from runner.agent.policy import Decision, SpaceScope, ToolPolicy, summary
 from runner.agent.prompts import Language, SharedPlace, liked_modules, rating_prompt, system_prompt
@@ -101,8 +102,18 @@ class _Progress:
                 deadline.reschedule(when + (loop.time() - started))
 
 
-async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
-    """Run one claimed tick to its sealed (or deferred) end. Cancellation seals it as interrupted."""
+async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim, window: str = "") -> Outcome:
+    """Run one claimed tick to its sealed (or deferred) end. Cancellation seals it as interrupted.
+
+    The tick is one trace when tracing is on (runner/tracing.py): its span is current while it runs.
+    """
+    with tracing.tick_span(persona, claim.tick_id, window) as span:
+        outcome = await _run_tick(deps, persona, claim)
+        tracing.ended(span, outcome)
+        return outcome
+
+
+async def _run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
     structlog.contextvars.bind_contextvars(persona=persona.email, tick_id=claim.tick_id, stage="login")
     progress = _Progress()
     started = time.monotonic()
@@ -268,6 +279,9 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     await session.open(vault=True)
     where = await _where(config, session, claim.tick_id)
     await deps.journal.record_tick_space(claim.tick_id, persona.user_id, where.space_id, where.via, where.type)
+    span = trace.get_current_span()
+    span.set_attribute("mana.space.id", where.space_id)
+    span.set_attribute("mana.space.type", where.type)
     first_seq = 0
     if config.scope_probe:
         first_seq, _ = await _probe(deps, claim, progress, session)

@@ -101,7 +101,7 @@ def control_mount(store: Store, auth: AuthService, mcp: McpState) -> Mount:
     async def requests(request: Request) -> Response:
         """What each service received (runner/sandbox/witness.py): credentials by owner, never by value."""
         rows = store.query(
-            "SELECT service, method, path, origin, session_cookies AS sessionCookies, owners, status, at"
+            "SELECT service, method, path, origin, session_cookies AS sessionCookies, owners, status, traceparent, at"
             " FROM requests ORDER BY seq"
         )
         for row in rows:

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS logins (
 CREATE TABLE IF NOT EXISTS vaults (user_id TEXT PRIMARY KEY, master_key TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL,
-    origin TEXT, session_cookies INTEGER NOT NULL, owners TEXT NOT NULL, status INTEGER NOT NULL, at REAL NOT NULL);
+    origin TEXT, session_cookies INTEGER NOT NULL, owners TEXT NOT NULL, status INTEGER NOT NULL, traceparent TEXT,
+    at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tool_records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL, id TEXT NOT NULL,
     user_id TEXT NOT NULL, space_id TEXT NOT NULL, data TEXT NOT NULL, UNIQUE (collection, id));

@@ -5,8 +5,9 @@ one persona's cookie with the next persona's sign-in, and no test looked). For e
 keeps the service, method, path, `Origin`, the number of Better Auth session cookies, and the
 *owners* of every credential it carried: the user of each session cookie, the subject of the
 Bearer JWT, the persona whose email a sign-in body names, and the user who opened the MCP session
-it names. A request whose owners are more than one person carried someone else's credential.
-Secrets themselves are never recorded.
+it names; and for an MCP tool call, the `traceparent` its `params._meta` carried. A request
+whose owners are more than one person carried someone else's credential. Secrets themselves are
+never recorded.
 """
 
 from __future__ import annotations
@@ -93,13 +94,20 @@ class Witness:
             owners.add(str(claims.get("sub")) if claims else "<unknown token>")
         if self.session_owner is not None and (session_id := headers.get("mcp-session-id")):
             owners.add(self.session_owner(session_id) or "<unknown session>")
-        # A sign-in's email is a credential; an invitation's names its invitee, who sent nothing.
-        if self.service == "auth" and scope["method"] == "POST" and not scope["path"].startswith(ORGANIZATION):
+        traceparent: str | None = None
+        if scope["method"] == "POST" and self.service in ("auth", "mcp"):
             body = await read_body(receive)
             receive = replay(body, receive)
-            if (email := _email(body)) is not None:
+            message = _json(body)
+            # A sign-in's email is a credential; an invitation's names its invitee, who sent nothing.
+            invitation = scope["path"].startswith(ORGANIZATION)
+            if self.service == "auth" and not invitation and isinstance(email := _field(message, "email"), str):
                 persona = self.store.persona_by_email(email)
                 owners.add(persona["id"] if persona else f"<{email}>")
+            if self.service == "mcp" and _field(message, "method") == "tools/call":
+                # The W3C trace context the client put into the call (the MCP convention: params._meta).
+                meta = _field(_field(message, "params"), "_meta")
+                traceparent = tp if isinstance(tp := _field(meta, "traceparent"), str) else None
         status = 0
 
         async def watch(message: Message) -> None:
@@ -112,8 +120,8 @@ class Witness:
             await self.app(scope, receive, watch)
         finally:
             self.store.execute(
-                "INSERT INTO requests (service, method, path, origin, session_cookies, owners, status, at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO requests (service, method, path, origin, session_cookies, owners, status, traceparent, at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     self.service,
                     scope["method"],
@@ -122,18 +130,21 @@ class Witness:
                     cookies,
                     json.dumps(sorted(owners)),
                     status,
+                    traceparent,
                     time.time(),
                 ),
             )
 
 
-def _email(body: bytes) -> str | None:
+def _json(body: bytes) -> Any:
     try:
-        value: Any = json.loads(body)
+        return json.loads(body)
     except ValueError:
         return None
-    email = value.get("email") if isinstance(value, dict) else None
-    return email if isinstance(email, str) else None
+
+
+def _field(value: Any, name: str) -> Any:
+    return value.get(name) if isinstance(value, dict) else None
 
 
 __all__ = ["Witness", "cookie_pairs", "read_body", "replay"]

@@ -340,8 +340,9 @@ async def _probe(
     """A scope probe (runner/probe.py) for a persona with a shared space: its calls are the tick's first rows,
     its verdict one more (`__probe`). Returns the next call number and the verdict (None: no shared space)."""
     config = deps.config
-    shared = shared_spaces(await session.spaces(), config.space_modules) if config.space_modules else []
-    if not shared:
+    modules = config.space_modules
+    shared = shared_spaces(await session.spaces(), modules) if modules is not None else []
+    if modules is None or not shared:
         return 0, None
     _stage(progress, "probe")
     seq = 0
@@ -365,9 +366,7 @@ async def _probe(
     def open_gateway(who: PersonaSession, space_id: str) -> McpGateway:
         return _gateway(config, who, space_id)
 
-    verdict = await Probe(session, claim.tick_id, call, open_gateway, member, config.policy).run(
-        shared, config.space_modules or SpaceModules({})
-    )
+    verdict = await Probe(session, claim.tick_id, call, open_gateway, member, config.policy).run(shared, modules)
     await deps.journal.begin_call(claim.tick_id, seq, PROBE_TOOL, None)
     await deps.journal.end_call(claim.tick_id, seq, verdict.ok, verdict.message, 0)
     progress.play.calls += 1
@@ -376,9 +375,12 @@ async def _probe(
 
 async def probe_now(deps: TickDeps, email: str) -> Verdict | None:
     """`python -m runner probe`: one probe outside the schedule, in a tick of its own whose rows are sealed and
-    delivered like any other. None when the persona has no shared space."""
+    delivered like any other. None, and no tick, when the persona has no shared space."""
     session = _session(deps, email)
     await session.open(vault=True)
+    modules = deps.config.space_modules
+    if modules is None or not shared_spaces(await session.spaces(), modules):
+        return None
     window = f"probe-{datetime.now(UTC):%Y-%m-%dT%H:%M:%S}"
     claim = await deps.journal.claim(session.user_id, window, tick_id(session.user_id, window))
     if claim is None:
@@ -394,7 +396,7 @@ async def probe_now(deps: TickDeps, email: str) -> Verdict | None:
             deps.journal.seal(claim.tick_id, "failed", ActionRow(TICK_ROW, "error", error_message=why))
         )
         raise
-    await deps.journal.seal(claim.tick_id, "ok", None if verdict is not None else ActionRow(TICK_ROW, "ok"))
+    await deps.journal.seal(claim.tick_id, "ok", None)
     return verdict
 
 

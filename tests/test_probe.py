@@ -131,3 +131,14 @@ async def test_in_ticks_one_probe_per_window_for_a_persona_with_a_shared_space(p
             # The probe's calls come first, then its verdict, then the persona's day.
             assert all(r["toolName"] in READERS or r["toolName"] in WRITES for r in mine[:verdict_at])
     assert probes == {ANNA: 2, BEN: 2, "persona.carl@mana.test": 0}
+
+
+async def test_on_demand_a_persona_without_a_shared_space_is_not_probed_and_gets_no_tick(
+    plan: Mana, tmp_path: Path
+) -> None:
+    solo = {"name": "dora", "archetype": "t", "systemPrompt": "Du.", "moduleMix": {"notes": 1}, "tickCadence": "daily"}
+    await plan.post("personas", {**solo, "extraSpace": "none"})
+    async with open_runner(plan.settings(tmp_path)) as runtime:
+        assert await probe_now(runtime.tick_deps, "persona.dora@mana.test") is None
+        assert await runtime.outbox.flush() == 0
+    assert await plan.get("actions") == [] and await plan.get("mcp-calls") == []

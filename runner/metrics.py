@@ -37,6 +37,8 @@ for _outcome in ("ok", "failed", "timeout", "interrupted", "deferred"):
     TICKS.labels(outcome=_outcome)
 for _stage in ("login", "spaces"):  # the sign-in stages (session.py), deploy/'s "sign-ins failing"
     ERRORS.labels(stage=_stage)
+for _verdict in ("ok", "leak", "unreadable"):  # so the first leak is an increase an alert can see
+    SCOPE_PROBES.labels(verdict=_verdict)
 TICK_DURATION = Histogram(
     "persona_tick_duration_seconds",
     "Wall time of one tick, login to seal.",

@@ -15,9 +15,12 @@ RUN pip install --no-cache-dir -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY runner ./runner
 RUN pip install --no-cache-dir --no-deps .
-# The dated price table stays data beside the code (the installed package does not carry config/).
-COPY config/model-prices.json ./config/
-ENV MODEL_PRICES_FILE=/app/config/model-prices.json
+# The dated price table stays data beside the code (the installed package does not carry config/),
+# and so do Mana's module allowlist per space type and the declared shared spaces.
+COPY config/model-prices.json config/space-modules.json config/spaces.toml ./config/
+ENV MODEL_PRICES_FILE=/app/config/model-prices.json \
+    PERSONA_SPACE_MODULES_FILE=/app/config/space-modules.json \
+    PERSONA_SPACES_FILE=/app/config/spaces.toml
 
 RUN useradd --system --uid 10001 --home-dir /app runner \
     && mkdir -p /data && chown runner /data

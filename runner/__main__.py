@@ -1,5 +1,5 @@
 """Command line: serve (default) | once | demo | login EMAIL | tools EMAIL | password EMAIL | outbox [--retry]
-| sandbox.
+| spaces [--apply] | probe [EMAIL] | sandbox.
 
 Exit codes: 0 done, 1 the run could not be made (Mana unreachable, login refused),
 2 bad configuration or usage, including a journal that cannot be used (corrupt, not a
@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     password.add_argument("email")
     outbox = sub.add_parser("outbox", help="batches by delivery state; --retry re-sends refused and parked ones")
     outbox.add_argument("--retry", action="store_true", help="put refused and parked batches back in the queue")
+    spaces = sub.add_parser("spaces", help="compare PERSONA_SPACES_FILE with mana-auth; --apply makes it so")
+    spaces.add_argument(
+        "--apply", action="store_true", help="create, invite and accept what is missing (never deletes)"
+    )
+    probe = sub.add_parser("probe", help="a scope probe now for EMAIL (default: every persona of PERSONA_SPACES_FILE)")
+    probe.add_argument("email", nargs="?")
     sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
     args, rest = parser.parse_known_args(argv)
     command = args.command or "serve"
@@ -75,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_once(settings))
     if command == "outbox":
         return _run(_outbox(settings, retry=args.retry))
+    if command == "spaces":
+        return _run(_spaces(settings, apply=args.apply))
+    if command == "probe":
+        return _run(_probe(settings, args.email))
     return _run(_serve(settings))
 
 
@@ -92,6 +102,9 @@ def _run(coro: Any) -> int:
     except (ManaError, _Fatal) as exc:
         _error(exc)
         return 1
+    except _BadInput as exc:
+        _error(exc)
+        return 2
 
 
 def _error(exc: Exception) -> None:
@@ -102,6 +115,10 @@ def _error(exc: Exception) -> None:
 
 class _Fatal(Exception):
     """A run that cannot go on, reported as one line."""
+
+
+class _BadInput(Exception):
+    """The operator's input cannot be used (exit 2), found before anything changed."""
 
 
 async def _serve(settings: Settings) -> int:
@@ -187,6 +204,90 @@ async def _as_persona(settings: Settings) -> AsyncIterator[TickDeps]:
             yield TickDeps(tick_config(settings), auth, journal, _no_player)
     finally:
         await journal.close()
+
+
+async def _spaces(settings: Settings, *, apply: bool) -> int:
+    """The declared spaces against mana-auth: what remains to do, and with --apply, doing it.
+
+    Every declared persona signs in (its own cookie) before anything is looked at or changed: a
+    member no persona has is bad input, found while mana-auth is still untouched.
+    """
+    from runner.mana.auth import is_wrong_password
+    from runner.mana.errors import ApiError
+    from runner.session import LoginBlocked, PersonaSession
+    from runner.spaces import SpacesFileError, load_spaces, remaining, survey
+    from runner.spaces import apply as make_so
+
+    try:
+        declared = load_spaces(settings.persona_spaces_file, settings.space_modules)
+    except SpacesFileError as exc:
+        raise _BadInput(str(exc)) from None
+    async with _as_persona(settings) as deps:
+        sessions: dict[str, PersonaSession] = {}
+
+        async def session_of(email: str) -> PersonaSession:
+            if email not in sessions:
+                sessions[email] = PersonaSession(deps.config.session, deps.auth, deps.journal, email)
+            return sessions[email]
+
+        for email in dict.fromkeys(e for space in declared for e in space.members):
+            try:
+                await (await session_of(email)).spaces()
+            except (ApiError, LoginBlocked) as exc:
+                if isinstance(exc, LoginBlocked) or is_wrong_password(exc):
+                    raise _BadInput(
+                        f"{settings.persona_spaces_file}: {email}: no persona signs in as it ({exc})"
+                    ) from None
+                raise
+        found = [await survey(space, session_of) for space in declared]
+        for item in found:
+            for note in item.notes:
+                print(f"note: {note}")
+        steps = [step for item in found for step in remaining(item)]
+        if not apply:
+            for step in steps:
+                print(f"to do: {step}")
+            print(f"{len(declared)} spaces declared, {len(steps)} steps to do" + ("" if steps else ": in place"))
+            return 0
+        for item in found:
+            try:
+                await make_so(item, session_of, lambda line: print(f"done: {line}", flush=True))
+            except ManaError as exc:
+                raise _Fatal(
+                    f"spaces: {item.space.slug}: {exc}; `python -m runner spaces` shows what remains"
+                ) from None
+        print(f"{len(declared)} spaces declared, {len(steps)} steps done")
+    return 0
+
+
+async def _probe(settings: Settings, email: str | None) -> int:
+    """Scope probes now, each in a tick of its own; prints one verdict per persona and delivers the rows.
+
+    It owns the journal like `once` (a SQLite journal a daemon holds is refused: exit 2).
+    """
+    from runner.runtime import open_runtime
+    from runner.spaces import SpacesFileError, load_spaces
+    from runner.tick import probe_now
+
+    if email is not None:
+        emails = [email]
+    else:
+        try:
+            declared = load_spaces(settings.persona_spaces_file, settings.space_modules)
+        except SpacesFileError as exc:
+            raise _BadInput(str(exc)) from None
+        emails = list(dict.fromkeys(e for space in declared for e in space.members))
+    async with open_runtime(settings, _no_player) as runtime:
+        for who in emails:
+            verdict = await probe_now(runtime.tick_deps, who)
+            if verdict is None:
+                print(f"{who}: no shared space, nothing to probe")
+            else:
+                print(f"{who}: {'ok' if verdict.ok else verdict.message} ({verdict.calls} calls)")
+        backlog = await runtime.outbox.flush()
+    if backlog:
+        log.get_logger().warning("rows not yet accepted stay in the journal", batches=backlog)
+    return 0
 
 
 def _no_player(persona: Any, tick_id: str) -> Any:

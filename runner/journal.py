@@ -436,11 +436,20 @@ class Journal:
             now = await self._now(conn)
             await self._upsert(conn, persona_vaults, {"persona_id": persona_id, "how": how, "at": now})
 
-    async def record_tick_space(self, tick_id: str, persona_id: str, space_id: str, via: str) -> None:
+    async def record_tick_space(
+        self, tick_id: str, persona_id: str, space_id: str, via: str, space_type: str = "personal"
+    ) -> None:
         async with self._write() as conn:
             now = await self._now(conn)
             # A retried tick may resolve again; the latest attempt's space is the one it played in.
-            values = {"tick_id": tick_id, "persona_id": persona_id, "space_id": space_id, "via": via, "at": now}
+            values = {
+                "tick_id": tick_id,
+                "persona_id": persona_id,
+                "space_id": space_id,
+                "via": via,
+                "space_type": space_type,
+                "at": now,
+            }
             await self._upsert(conn, tick_spaces, values)
 
     async def tick_space(self, tick_id: str) -> tuple[str, str] | None:
@@ -452,6 +461,12 @@ class Journal:
                 )
             ).first()
         return (str(row[0]), str(row[1])) if row is not None else None
+
+    async def tick_space_type(self, tick_id: str) -> str | None:
+        """The type of the space a tick played in (personal, family, team, …)."""
+        async with self._engine.connect() as conn:
+            found = await conn.scalar(sa.select(tick_spaces.c.space_type).where(tick_spaces.c.tick_id == tick_id))
+        return str(found) if found is not None else None
 
     async def begin_call(self, tick_id: str, seq: int, tool_name: str, input_hash: str | None) -> None:
         """Journal a call as pending before it is sent; raises LeaseLost if the tick is no longer ours.

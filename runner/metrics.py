@@ -19,12 +19,26 @@ TOOL_DECISIONS = Counter(
     ["tool", "decision", "rule"],
     registry=REGISTRY,
 )
+SCOPE_PROBES = Counter(
+    "persona_scope_probes_total",
+    "Scope probes by verdict: ok, leak (a shared space showed personal data), unreadable (positive check failed).",
+    ["verdict"],
+    registry=REGISTRY,
+)
+SCOPE_LEAKS = Counter(
+    "persona_scope_leaks_total",
+    "Read tools that returned a personal canary in a shared space.",
+    ["tool"],
+    registry=REGISTRY,
+)
 ERRORS = Counter("persona_errors_total", "Failures by the stage they happened in.", ["stage"], registry=REGISTRY)
 # At 0 from the start, so rate() and increase() (deploy/'s panels and alerts) see the first one too.
 for _outcome in ("ok", "failed", "timeout", "interrupted", "deferred"):
     TICKS.labels(outcome=_outcome)
 for _stage in ("login", "spaces"):  # the sign-in stages (session.py), deploy/'s "sign-ins failing"
     ERRORS.labels(stage=_stage)
+for _verdict in ("ok", "leak", "unreadable"):  # so the first leak is an increase an alert can see
+    SCOPE_PROBES.labels(verdict=_verdict)
 TICK_DURATION = Histogram(
     "persona_tick_duration_seconds",
     "Wall time of one tick, login to seal.",

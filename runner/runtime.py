@@ -122,4 +122,7 @@ def tick_config(settings: Settings) -> TickConfig:
         retry_base_s=settings.persona_retry_base_s,
         language=settings.persona_language,
         policy=settings.tool_policy,
+        space_modules=settings.space_modules,
+        shared_share=settings.persona_shared_space_share,
+        scope_probe=settings.persona_scope_probe,
     )

@@ -26,6 +26,8 @@ _meta = sa.MetaData()
 _V1 = {"since": 1}
 _V2 = {"since": 2}
 _V3 = {"since": 3}
+# Issue 15's step (shared spaces). Numbered 4 here; if another branch took 4 first, this becomes the next.
+_SPACE_TYPES_STEP = {"since": 4}
 
 ticks = sa.Table(
     "ticks",
@@ -103,7 +105,7 @@ persona_vaults = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
     info=_V3,
 )
-# The space each tick played in, and how it was known (journal | bearer | cookie).
+# The space each tick played in, and how it was known (journal | bearer | cookie; list: a shared space).
 tick_spaces = sa.Table(
     "tick_spaces",
     _meta,
@@ -112,6 +114,8 @@ tick_spaces = sa.Table(
     sa.Column("space_id", sa.String(255), nullable=False),
     sa.Column("via", sa.String(16), nullable=False),
     sa.Column("at", sa.Float, nullable=False),
+    # personal | family | team | …: which kind of space the tick played in (NULL: before issue 15).
+    sa.Column("space_type", sa.String(16), info=_SPACE_TYPES_STEP),
     info=_V1,
 )
 batches = sa.Table(
@@ -151,6 +155,7 @@ STEPS: tuple[str, ...] = (
     "baseline: the tables of the last unversioned release",
     "replicas: claim by unique (persona, window), tick and batch leases",
     "vaults: personas known to have an encryption vault",
+    "space types: the type of the space each tick played in",
 )
 SCHEMA_VERSION = len(STEPS)
 # Columns the unversioned releases added at open with ALTER TABLE; an old journal may lack them.

@@ -17,7 +17,17 @@ from dataclasses import dataclass
 
 from runner.journal import Journal
 from runner.log import get_logger, register_secret
-from runner.mana.auth import AuthClient, Login, Space, WaitHook, is_wrong_password, personal_space_of
+from runner.mana.auth import (
+    AuthClient,
+    Login,
+    Member,
+    Space,
+    SpaceInfo,
+    WaitHook,
+    is_wrong_password,
+    personal_space_of,
+    spaces_of,
+)
 from runner.mana.errors import ApiError, ManaError, PermanentError
 from runner.persona import derive_password
 
@@ -71,6 +81,7 @@ class PersonaSession:
         self._login: Login | None = None
         self._cookie: str | None = None  # Better Auth's signed session cookie, only if the space list needed it
         self._space: Space | None = None
+        self._spaces: list[SpaceInfo] | None = None  # the space list, asked once per session
 
     def __repr__(self) -> str:
         return f"PersonaSession(email={self.email!r}, user_id={self.user_id!r}, credentials=<redacted>)"
@@ -130,8 +141,52 @@ class PersonaSession:
     async def _space_by_cookie(self) -> Space:
         """Better Auth's sign-in for this persona's own cookie, then the space list with it."""
         self._stage("spaces")
-        self._cookie = await self._auth.session_cookie(self.email, await self._secret(), waiting=self._waiting)
-        return Space(personal_space_of(await self._auth.spaces_by_cookie(self._cookie)), "cookie")
+        return Space(personal_space_of(await self._auth.spaces_by_cookie(await self._own_cookie())), "cookie")
+
+    async def _own_cookie(self) -> str:
+        """This persona's Better Auth cookie, signed in for once per session."""
+        if self._cookie is None:
+            self._cookie = await self._auth.session_cookie(self.email, await self._secret(), waiting=self._waiting)
+        return self._cookie
+
+    async def _org_cookie(self) -> str:
+        """The cookie for an organization call: a refused password here counts like any other (lockout)."""
+        async with self._counting_refusals():
+            return await self._own_cookie()
+
+    # --- the persona's spaces and Better Auth's organization routes (contract §8), with its own cookie.
+
+    async def spaces(self) -> list[SpaceInfo]:
+        """Every space of the persona with its type: by Bearer where the list takes it, else by the cookie.
+
+        Asked once per session: a tick's shared-space draw and its probe read the same list.
+        """
+        if self._spaces is None:
+            self._stage("spaces")
+            listed = (
+                await self._auth.spaces_by_bearer(self._login) if self._login and self._auth.bearer_accepted else None
+            )
+            if listed is None:
+                listed = await self._auth.spaces_by_cookie(await self._org_cookie())
+            self._spaces = spaces_of(listed)
+        return self._spaces
+
+    async def members(self, space_id: str) -> list[Member]:
+        return await self._auth.members(await self._org_cookie(), space_id)
+
+    async def create_space(self, name: str, slug: str, space_type: str) -> SpaceInfo:
+        """A new space with this persona as its owner (Better Auth makes the creator the owner)."""
+        return await self._auth.create_space(await self._org_cookie(), name, slug, space_type)
+
+    async def invite(self, space_id: str, email: str) -> str:
+        return await self._auth.invite(await self._org_cookie(), space_id, email)
+
+    async def invitations(self) -> list[tuple[str, str]]:
+        """(invitation id, space id) of the invitations waiting for this persona."""
+        return await self._auth.invitations(await self._org_cookie())
+
+    async def accept(self, invitation_id: str) -> None:
+        await self._auth.accept(await self._org_cookie(), invitation_id)
 
     async def _ensure_vault(self) -> None:
         """Create the vault once per persona, as Mana's web app does at a user's first login (contract §9).

@@ -15,6 +15,13 @@ from sqlalchemy.engine import make_url
 from runner.agent.policy import ToolPolicy, parse_patterns
 from runner.cost import DEFAULT_PRICES_FILE, Price, PriceFileError, PriceTable, load_prices
 from runner.persona import DEV_SEED_SECRET
+from runner.spaces import (
+    DEFAULT_SPACE_MODULES_FILE,
+    DEFAULT_SPACES_FILE,
+    SpaceModules,
+    SpacesFileError,
+    load_space_modules,
+)
 
 
 class SettingsError(Exception):
@@ -58,6 +65,13 @@ class Settings(BaseSettings):
     persona_language: Literal["de", "en"] = "de"
     # Create a persona's encryption vault at first contact, as Mana's web app does at a first login.
     persona_vault_init: bool = True
+    # Shared spaces (issue 15): the declared ones (`python -m runner spaces`), Mana's allowlist of modules
+    # per space type (read and checked at start), the share of windows played in a shared space (0..1,
+    # the same for a given window every time), and a model-free scope probe once per window.
+    persona_spaces_file: Path = DEFAULT_SPACES_FILE
+    persona_space_modules_file: Path = DEFAULT_SPACE_MODULES_FILE
+    persona_shared_space_share: float = Field(default=0.0, ge=0, le=1)
+    persona_scope_probe: bool = False
 
     persona_seed_secret: SecretStr = SecretStr(DEV_SEED_SECRET)
     # At most a day: the scheduler's clock arithmetic overflows on absurd values (1e20).
@@ -102,6 +116,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     _prices: PriceTable | None = PrivateAttr(default=None)
+    _space_modules: SpaceModules | None = PrivateAttr(default=None)
 
     @field_validator(
         "mana_api_url", "mana_auth_url", "mana_mcp_url", "anthropic_base_url", "otel_exporter_otlp_endpoint"
@@ -224,6 +239,19 @@ class Settings(BaseSettings):
                 f"(as of {self._prices.as_of}); add its row there or point MODEL_PRICES_FILE at a table that has it"
             )
         return self
+
+    @model_validator(mode="after")
+    def _allowlist(self) -> Settings:
+        try:
+            self._space_modules = load_space_modules(self.persona_space_modules_file)
+        except SpacesFileError as exc:
+            raise ValueError(f"PERSONA_SPACE_MODULES_FILE: {exc}") from None
+        return self
+
+    @property
+    def space_modules(self) -> SpaceModules:
+        assert self._space_modules is not None, "checked at start"
+        return self._space_modules
 
     @property
     def model_price(self) -> Price:

@@ -16,23 +16,25 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from opentelemetry import trace
 
 from runner import metrics, tracing
 from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, play
-from runner.agent.policy import Decision, ToolPolicy, summary
-from runner.agent.prompts import Language, liked_modules, rating_prompt, system_prompt
+from runner.agent.policy import Decision, SpaceScope, ToolPolicy, summary
+from runner.agent.prompts import Language, SharedPlace, liked_modules, rating_prompt, system_prompt
 from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
 from runner.log import get_logger
 from runner.mana.auth import AuthClient
-from runner.mana.errors import ApiError, ManaError, TransportError
-from runner.mana.mcp import McpGateway, SpaceRefused, ToolSpec, error_message
-from runner.persona import TICK_ROW, ActionRow, DuePersona, input_hash, module_of
+from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
+from runner.mana.mcp import McpGateway, SpaceRefused, ToolOutcome, ToolSpec, error_message
+from runner.persona import TICK_ROW, ActionRow, DuePersona, input_hash, module_of, tick_id
+from runner.probe import PROBE_TOOL, Probe, Verdict
 from runner.session import PersonaSession, SessionConfig
+from runner.spaces import SpaceModules, draw, shared_spaces
 
 log = get_logger("runner.tick")
 
@@ -53,6 +55,11 @@ class TickConfig:
     policy: ToolPolicy = field(default_factory=ToolPolicy)
     # One TLS context for every MCP session of the process, built once.
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
+    # Shared spaces (issue 15): the allowlist per space type (None: every tick plays in the personal
+    # space), the share of windows played in a shared space, and a scope probe once per window.
+    space_modules: SpaceModules | None = None
+    shared_share: float = 0.0
+    scope_probe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,14 +206,47 @@ def _session(
     )
 
 
-def _gateway(config: TickConfig, session: PersonaSession) -> McpGateway:
+def _gateway(config: TickConfig, session: PersonaSession, space_id: str | None = None) -> McpGateway:
+    """An MCP session in the persona's personal space, or in `space_id` (the space is fixed per session)."""
     # Renewal through the session: a new sign-in that never spends a lockout attempt twice.
-    return McpGateway(config.mcp_url, session.space.id, session.jwt, session.renew, config.call_timeout_s, config.tls)
+    space = space_id or session.space.id
+    return McpGateway(config.mcp_url, space, session.jwt, session.renew, config.call_timeout_s, config.tls)
 
 
-def _decide(policy: ToolPolicy, specs: list[ToolSpec]) -> list[Decision]:
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """The space a tick plays in: how it was known, its type, and for a shared one its scope and members."""
+
+    space_id: str
+    via: str
+    type: str = "personal"
+    scope: SpaceScope | None = None
+    place: SharedPlace | None = None
+
+
+async def _where(config: TickConfig, session: PersonaSession, tick_id: str) -> _Where:
+    """The personal space, or for PERSONA_SHARED_SPACE_SHARE of windows one of the persona's shared spaces.
+
+    Both draws depend on the tick id alone, so a retried or resumed tick plays where it played before.
+    Only a window drawn for a shared space asks for the space list (on today's Mana one more sign-in).
+    """
+    personal = _Where(session.space.id, session.space.via)
+    modules = config.space_modules
+    if modules is None or draw(tick_id, "shared") >= config.shared_share:
+        return personal
+    shared = shared_spaces(await session.spaces(), modules)
+    if not shared:
+        return personal
+    space = shared[int(draw(tick_id, "which") * len(shared))]
+    assert space.type is not None  # shared_spaces keeps only known types
+    others = [m.name or m.email for m in await session.members(space.id) if m.email.lower() != session.email.lower()]
+    scope = SpaceScope(space.type, modules.allowlist[space.type])
+    return _Where(space.id, "list", space.type, scope, SharedPlace(space.name, space.type, others))
+
+
+def _decide(policy: ToolPolicy, specs: list[ToolSpec], scope: SpaceScope | None = None) -> list[Decision]:
     """The policy's decisions for this tick, counted in metrics and logged once."""
-    decisions = policy.decide(specs)
+    decisions = policy.decide(specs, scope)
     for d in decisions:
         metrics.TOOL_DECISIONS.labels(
             tool=metrics.tool_label(d.name), decision="offered" if d.offered else "withheld", rule=d.rule
@@ -237,15 +277,21 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     config = deps.config
     session = progress.session = _session(deps, persona.email, persona.user_id, progress)
     await session.open(vault=True)
-    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, session.space.id, session.space.via)
-    trace.get_current_span().set_attribute("mana.space.id", session.space.id)
+    where = await _where(config, session, claim.tick_id)
+    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, where.space_id, where.via, where.type)
+    span = trace.get_current_span()
+    span.set_attribute("mana.space.id", where.space_id)
+    span.set_attribute("mana.space.type", where.type)
+    first_seq = 0
+    if config.scope_probe:
+        first_seq, _ = await _probe(deps, claim, progress, session)
 
     _stage(progress, "mcp")
-    progress.gateway = _gateway(config, session)
+    progress.gateway = _gateway(config, session, where.space_id)
     async with progress.gateway as gateway:
         specs = await gateway.tools()
         _stage(progress, "tools")
-        decisions = _decide(config.policy, specs)
+        decisions = _decide(config.policy, specs, where.scope)
         offered_names = {d.name for d in decisions if d.offered}
         if not offered_names:
             why = ", ".join(f"{rule}: {n}" for rule, n in summary(decisions).items())
@@ -256,9 +302,10 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         offered = [s for s in specs if s.name in offered_names]
         tools = [ToolDef(s.name, s.description, s.input_schema) for s in offered]
         modules = liked_modules(persona.module_mix, {module_of(s.name) for s in offered})
-        system = system_prompt(persona.system_prompt, modules, datetime.now(UTC).date(), config.language)
+        today = datetime.now(UTC).date()
+        system = system_prompt(persona.system_prompt, modules, today, config.language, where.place)
         provider = deps.make_provider(persona, claim.tick_id)
-        call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered_names)
+        call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered_names, first_seq)
         progress.calls = call_tool
 
         _stage(progress, "play")
@@ -287,6 +334,72 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     return used
 
 
+async def _probe(
+    deps: TickDeps, claim: Claim, progress: _Progress, session: PersonaSession
+) -> tuple[int, Verdict | None]:
+    """A scope probe (runner/probe.py) for a persona with a shared space: its calls are the tick's first rows,
+    its verdict one more (`__probe`). Returns the next call number and the verdict (None: no shared space)."""
+    config = deps.config
+    modules = config.space_modules
+    shared = shared_spaces(await session.spaces(), modules) if modules is not None else []
+    if modules is None or not shared:
+        return 0, None
+    _stage(progress, "probe")
+    seq = 0
+
+    async def call(gateway: McpGateway, name: str, args: dict[str, Any]) -> ToolOutcome:
+        nonlocal seq
+        progress.calls = _JournaledCalls(deps.journal, claim.tick_id, gateway, {name}, seq)
+        result = await progress.calls(ToolCall(f"probe-{seq}", name, args))
+        seq, progress.calls = progress.calls.next_seq, None
+        progress.play.calls += 1  # Mana was touched: the tick is never replayed from here
+        return ToolOutcome(not result.is_error, result.text)
+
+    members: dict[str, PersonaSession] = {}
+
+    async def member(email: str) -> PersonaSession:
+        if email not in members:
+            members[email] = _session(deps, email, None, progress)
+            await members[email].open(vault=True)
+        return members[email]
+
+    def open_gateway(who: PersonaSession, space_id: str) -> McpGateway:
+        return _gateway(config, who, space_id)
+
+    verdict = await Probe(session, claim.tick_id, call, open_gateway, member, config.policy).run(shared, modules)
+    await deps.journal.begin_call(claim.tick_id, seq, PROBE_TOOL, None)
+    await deps.journal.end_call(claim.tick_id, seq, verdict.ok, verdict.message, 0)
+    progress.play.calls += 1
+    return seq + 1, verdict
+
+
+async def probe_now(deps: TickDeps, email: str) -> Verdict | None:
+    """`python -m runner probe`: one probe outside the schedule, in a tick of its own whose rows are sealed and
+    delivered like any other. None, and no tick, when the persona has no shared space."""
+    session = _session(deps, email)
+    await session.open(vault=True)
+    modules = deps.config.space_modules
+    if modules is None or not shared_spaces(await session.spaces(), modules):
+        return None
+    window = f"probe-{datetime.now(UTC):%Y-%m-%dT%H:%M:%S}"
+    claim = await deps.journal.claim(session.user_id, window, tick_id(session.user_id, window))
+    if claim is None:
+        raise PermanentError(f"probe: {email} was probed this second already", stage="probe")
+    progress = _Progress(session=session)
+    try:
+        _, verdict = await _probe(deps, claim, progress, session)
+    except BaseException as exc:
+        if progress.calls is not None:
+            await asyncio.shield(progress.calls.abandon("outcome unknown: the probe stopped during the call"))
+        why = f"probe: {type(exc).__name__}: {exc}" if not isinstance(exc, ManaError) else str(exc)
+        await asyncio.shield(
+            deps.journal.seal(claim.tick_id, "failed", ActionRow(TICK_ROW, "error", error_message=why))
+        )
+        raise
+    await deps.journal.seal(claim.tick_id, "ok", None)
+    return verdict
+
+
 class _JournaledCalls:
     """The tick's `call_tool`: journal the intent, call MCP, journal the outcome.
 
@@ -296,12 +409,14 @@ class _JournaledCalls:
     the model never asked for; its row hashes the input as the model gave it.
     """
 
-    def __init__(self, journal: Journal, tick_id: str, gateway: McpGateway, offered: set[str]) -> None:
+    def __init__(
+        self, journal: Journal, tick_id: str, gateway: McpGateway, offered: set[str], first_seq: int = 0
+    ) -> None:
         self._journal = journal
         self._tick_id = tick_id
         self._gateway = gateway
         self._offered = offered
-        self._seq = 0
+        self._seq = first_seq  # after the calls a probe made earlier in the tick
         self._in_flight: _InFlight | None = None
         self.used: list[str] = []
 
@@ -339,6 +454,10 @@ class _JournaledCalls:
         metrics.TOOL_LATENCY.labels(tool=label).observe(latency_ms / 1000)
         log.info("tool call", tool=call.name, ok=ok, latency_ms=latency_ms)
         return ToolResult(call.id, text, not ok)
+
+    @property
+    def next_seq(self) -> int:
+        return self._seq
 
     async def _end(self, seq: int, ok: bool, text: str, started: float) -> int:
         latency_ms = round((time.monotonic() - started) * 1000)

@@ -179,3 +179,8 @@ def pg() -> Iterator[PgServer]:
 def pg_url(pg: PgServer) -> str:
     """A fresh empty database on the session's server, as a ``postgresql+asyncpg://`` URL."""
     return pg.create_database()
+
+
+# --- Anna and Ben with a family space (tests/family.py), for the shared-space tests -----------
+
+from family import isolated_plan, plan  # noqa: E402, F401

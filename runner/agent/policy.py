@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from runner.persona import module_of
+
 # Matched on each dotted part after the module, case-insensitively, as a prefix: `todo.deleteAll`,
 # `notes.remove_tag` and `space.PurgeTrash` are caught. A prefix also catches a harmless
 # `ui.dropdownItems`; that is the price of never letting `todo.deleteall` through.
@@ -69,6 +71,7 @@ Rule = Literal[
     "destructive-hint",
     "deny-setting",
     "destructive-verb",
+    "space-type",
     "not-in-allow",
     "read-only-hint",
     "non-destructive-hint",
@@ -146,6 +149,15 @@ def destructive_verb(name: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class SpaceScope:
+    """The shared space a tick plays in: a person there could use only the modules its type allows
+    (Mana's SPACE_MODULE_ALLOWLIST, enforced by the web app alone), so the persona is offered only those."""
+
+    type: str
+    modules: frozenset[str] | None  # None: every module (the personal space)
+
+
+@dataclass(frozen=True, slots=True)
 class ToolPolicy:
     allow: tuple[str, ...] = ()  # empty: every tool no deny rule catches
     deny: tuple[str, ...] = ()
@@ -155,12 +167,12 @@ class ToolPolicy:
         """PERSONA_TOOLS_ALLOW / PERSONA_TOOLS_DENY as settings.py read (and checked) them."""
         return cls(parse_patterns(allow), parse_patterns(deny))
 
-    def decide(self, served: Sequence[Hinted]) -> list[Decision]:
-        """One decision per served tool, in the server's order."""
+    def decide(self, served: Sequence[Hinted], scope: SpaceScope | None = None) -> list[Decision]:
+        """One decision per served tool, in the server's order; `scope` for a tick in a shared space."""
         counts = Counter(t.name for t in served)
-        return [self._one(tool, counts[tool.name]) for tool in served]
+        return [self._one(tool, counts[tool.name], scope) for tool in served]
 
-    def _one(self, tool: Hinted, copies: int) -> Decision:
+    def _one(self, tool: Hinted, copies: int, scope: SpaceScope | None) -> Decision:
         name = tool.name
 
         def withheld(rule: Rule, reason: str) -> Decision:
@@ -182,6 +194,8 @@ class ToolPolicy:
             return withheld("deny-setting", f"PERSONA_TOOLS_DENY pattern {pattern!r}")
         if (verb := destructive_verb(name)) is not None:
             return withheld("destructive-verb", f"verb {verb!r} is on the built-in destructive list")
+        if scope is not None and scope.modules is not None and (module := module_of(name)) not in scope.modules:
+            return withheld("space-type", f"module {module!r} is not offered in a {scope.type} space")
         allowed_by = _first_match(name, self.allow)
         if self.allow and allowed_by is None:
             return withheld("not-in-allow", "matches no PERSONA_TOOLS_ALLOW pattern")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date
 from typing import Literal
 
@@ -22,6 +23,18 @@ _DAY = {
         "would. If something does not work, react as you would. Then say in 1 to 2 sentences what you did."
     ),
 }
+# Where a day in a shared space happens, and with whom: a person there knows whose space it is.
+_PLACE = {
+    "de": (
+        "Du bist gerade im gemeinsamen Bereich „{name}“ (ein {type}-Space) der App, zusammen mit {others}. "
+        "Was du hier anlegst, sehen auch die anderen Mitglieder."
+    ),
+    "en": (
+        "You are in the shared space “{name}” (a {type} space) of the app, together with {others}. "
+        "What you create here, the other members see too."
+    ),
+}
+_ALONE = {"de": "niemandem sonst (noch)", "en": "nobody else (yet)"}
 _START = {"de": "Dein Tag in Mana beginnt jetzt.", "en": "Your day in Mana starts now."}
 _RATING = {
     "de": (
@@ -46,12 +59,26 @@ def liked_modules(module_mix: dict[str, float], available: set[str]) -> list[str
     return [m for m, w in sorted(module_mix.items(), key=lambda kv: -kv[1]) if m in available and w > 0]
 
 
-def system_prompt(persona_prompt: str, modules: list[str], today: date, language: Language) -> str:
+@dataclass(frozen=True, slots=True)
+class SharedPlace:
+    """A shared space a day is played in: its name, its type and the other members' names."""
+
+    name: str
+    type: str
+    others: list[str]
+
+
+def system_prompt(
+    persona_prompt: str, modules: list[str], today: date, language: Language, place: SharedPlace | None = None
+) -> str:
     day = _DAY[language].format(
         weekday=_WEEKDAYS[language][today.weekday()],
         date=today.isoformat(),
         modules=", ".join(modules) or _NONE[language],
     )
+    if place is not None:
+        others = ", ".join(place.others) or _ALONE[language]
+        day += "\n" + _PLACE[language].format(name=place.name, type=place.type, others=others)
     return f"{persona_prompt.strip()}\n\n{day}" if persona_prompt.strip() else day
 
 

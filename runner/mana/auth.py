@@ -145,6 +145,26 @@ class Space:
     via: SpaceVia
 
 
+@dataclass(frozen=True, slots=True)
+class SpaceInfo:
+    """One entry of a persona's space list: Better Auth's organization with Mana's space type."""
+
+    id: str
+    name: str
+    slug: str
+    type: str | None  # None when its metadata names no type (older or foreign data)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One member of a space (`list-members`): who, and with which role (owner | admin | member)."""
+
+    user_id: str
+    email: str
+    name: str
+    role: str
+
+
 class AuthClient:
     """mana-auth's routes, for any persona; it holds no credential of its own.
 
@@ -232,6 +252,81 @@ class AuthClient:
     async def spaces_by_cookie(self, cookie: str) -> list[Any]:
         return await self._spaces(self.with_cookie(cookie))
 
+    # --- Better Auth's organization routes (contract §8): cookie only, each with its persona's own cookie.
+    # A POST here changes mana-auth, so it is sent once, never retried: a create or an accept whose
+    # answer was lost would be refused on a second try, and re-running `spaces --apply` finds what happened.
+
+    async def create_space(self, cookie: str, name: str, slug: str, space_type: str) -> SpaceInfo:
+        body = {"name": name, "slug": slug, "metadata": {"type": space_type}}
+        answer = await self._org_post(cookie, "create", body)
+        space = spaces_of([answer])
+        if not space:
+            raise PermanentError("organization: create answered no space", stage="organization")
+        return space[0]
+
+    async def invite(self, cookie: str, space_id: str, email: str, role: str = "member") -> str:
+        """The new invitation's id (the mail Mana sends goes to a persona's address, i.e. nowhere)."""
+        answer = await self._org_post(
+            cookie, "invite-member", {"email": email, "role": role, "organizationId": space_id}
+        )
+        return _string_field(answer, "id", "invite-member")
+
+    async def invitations(self, cookie: str) -> list[tuple[str, str]]:
+        """(invitation id, space id) of each pending invitation to the cookie's own persona."""
+        answer = await self._org_get(cookie, "list-user-invitations", {})
+        if not isinstance(answer, list):
+            raise PermanentError("organization: list-user-invitations answered no list", stage="organization")
+        return [
+            (str(i["id"]), str(i["organizationId"]))
+            for i in answer
+            if isinstance(i, dict)
+            and i.get("status", "pending") == "pending"
+            and i.get("id")
+            and i.get("organizationId")
+        ]
+
+    async def accept(self, cookie: str, invitation_id: str) -> None:
+        await self._org_post(cookie, "accept-invitation", {"invitationId": invitation_id})
+
+    async def members(self, cookie: str, space_id: str) -> list[Member]:
+        answer = await self._org_get(cookie, "list-members", {"organizationId": space_id})
+        rows = answer.get("members") if isinstance(answer, dict) else None
+        if not isinstance(rows, list):
+            raise PermanentError("organization: list-members answered no members", stage="organization")
+        members = []
+        for row in rows:
+            user = row.get("user") if isinstance(row, dict) else None
+            if isinstance(user, dict) and isinstance(user.get("email"), str):
+                name = user.get("name")
+                members.append(
+                    Member(
+                        str(row.get("userId", "")),
+                        user["email"],
+                        name if isinstance(name, str) else "",
+                        str(row.get("role", "")),
+                    )
+                )
+        return members
+
+    async def _org_post(self, cookie: str, route: str, body: dict[str, Any]) -> Any:
+        url = f"{self._base}/api/auth/organization/{route}"
+        response, raw = await fetch(
+            self._client, "POST", url, stage="organization", json=body, headers=self.with_cookie(cookie)
+        )
+        return parse_json(raw, response.status_code, "organization")
+
+    async def _org_get(self, cookie: str, route: str, query: dict[str, str]) -> Any:
+        url = f"{self._base}/api/auth/organization/{route}"
+        return await request_json(
+            self._client,
+            "GET",
+            url,
+            stage="organization",
+            policy=self._policy,
+            params=query,
+            headers=self.with_cookie(cookie),
+        )
+
     async def vault_exists(self, login: Login) -> bool:
         """Whether the persona has an encryption vault (contract §9); its key's answer is never read."""
         url = f"{self._base}{VAULT_PATH}/key"
@@ -293,6 +388,31 @@ class AuthClient:
         return spaces
 
 
+def spaces_of(listed: list[Any]) -> list[SpaceInfo]:
+    """The entries of a space list that carry an id, with their type (metadata as object or JSON string)."""
+    out = []
+    for space in listed:
+        if isinstance(space, dict) and isinstance(space.get("id"), str) and space["id"]:
+            kind = _space_type(space.get("metadata"))
+            name, slug = space.get("name"), space.get("slug")
+            out.append(
+                SpaceInfo(
+                    space["id"],
+                    name if isinstance(name, str) else "",
+                    slug if isinstance(slug, str) else "",
+                    kind if isinstance(kind, str) else None,
+                )
+            )
+    return out
+
+
+def _string_field(answer: Any, key: str, route: str) -> str:
+    value = answer.get(key) if isinstance(answer, dict) else None
+    if not isinstance(value, str) or not value:
+        raise PermanentError(f"organization: {route} answered no {key}", stage="organization")
+    return value
+
+
 def personal_space_of(spaces: list[Any]) -> str:
     for space in spaces:
         if isinstance(space, dict) and _space_type(space.get("metadata")) == "personal":
@@ -317,8 +437,11 @@ __all__ = [
     "Login",
     "LoginLimiter",
     "ManaError",
+    "Member",
     "Space",
+    "SpaceInfo",
     "WaitHook",
     "is_wrong_password",
     "personal_space_of",
+    "spaces_of",
 ]

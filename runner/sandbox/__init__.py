@@ -33,6 +33,7 @@ from runner.sandbox.mcp_server import (
     ToolFaults,
     build_mcp_app,
 )
+from runner.sandbox.organizations import Organizations
 from runner.sandbox.personas_api import LEGACY_BASE_PATH, PersonasApi
 from runner.sandbox.store import EXTRA_SPACES, Clock, Faults, Store
 from runner.sandbox.witness import Witness
@@ -59,6 +60,9 @@ class SandboxConfig:
     # The real space list refuses Bearer today; True models a future Mana that takes it.
     spaces_accept_bearer: bool = False
     signin_limit: SignInLimit = field(default_factory=SignInLimit)
+    # Mana as the shared-space design intends it (every read filters by the active space, members read
+    # each other's rows in a shared space); off, as Mana is today (contract §8).
+    space_isolation: bool = False
 
 
 class _Server(uvicorn.Server):
@@ -105,8 +109,11 @@ class Sandbox:
             signin_limit=cfg.signin_limit,
         )
         personas = PersonasApi(store, clock, faults, cfg.service_key)
-        auth_app = Witness(auth.app([personas.mount(LEGACY_BASE_PATH)]), "auth", store, auth)
-        options = McpOptions(cfg.mcp_surface, cfg.policy_mode, frozenset(cfg.failing_tools), cfg.session_jwt)
+        organizations = Organizations(store, auth)
+        auth_app = Witness(auth.app([personas.mount(LEGACY_BASE_PATH), *organizations.routes()]), "auth", store, auth)
+        options = McpOptions(
+            cfg.mcp_surface, cfg.policy_mode, frozenset(cfg.failing_tools), cfg.session_jwt, cfg.space_isolation
+        )
         mcp = McpState(options, ToolFaults(options.failing_tools))
         api_app = Witness(Starlette(routes=[personas.mount(), control_mount(store, auth, mcp)]), "api", store, auth)
         mcp_app = build_mcp_app(store, clock, faults, auth, cfg.host, mcp)

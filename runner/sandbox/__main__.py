@@ -51,6 +51,13 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
         help="Better Auth's sign-in limit: auto = only requests with X-Forwarded-For (production behind a proxy)",
     )
     parser.add_argument("--signin-rate", default="3/10s", help="sign-ins per window and client IP, e.g. 3/10s")
+    parser.add_argument(
+        "--space-isolation",
+        choices=("off", "on"),
+        default="off",
+        help="on: every read filters by the active space and members read a shared space's rows (Mana as "
+        "designed); off: reads see every space of the caller, as Mana does today (contract §8)",
+    )
     parser.add_argument("--personas-file", type=Path, default=None, help="the cast to seed a new database with (JSON)")
     args = parser.parse_args(argv)
     failing = frozenset(t.strip() for t in args.failing_tools.split(",") if t.strip())
@@ -77,6 +84,7 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
         failing_tools=failing,
         spaces_accept_bearer=args.spaces_accept_bearer,
         signin_limit=SignInLimit(args.signin_rate_limit, count, window),
+        space_isolation=args.space_isolation == "on",
         **({"personas_file": args.personas_file} if args.personas_file is not None else {}),
     )
 

@@ -236,7 +236,7 @@ class AuthService:
     async def login(self, request: Request) -> Response:
         """Mana's `/api/v1/auth/login`: lockout, then Better Auth's sign-in, then a JWT; Mana's envelope."""
         now = self.clock.now()
-        body = await _json_body(request)
+        body = await json_body(request)
         email = body.get("email") if isinstance(body, dict) else None
         if (fault := self.faults.take("login")) is not None:
             self.store.record_login(email if isinstance(email, str) else None, f"FAULT_{fault.status_code}", now)
@@ -276,7 +276,7 @@ class AuthService:
     async def sign_in_email(self, request: Request) -> Response:
         """Better Auth's own `/api/auth/sign-in/email`: no lockout, Better Auth's shapes, the signed cookie."""
         now = self.clock.now()
-        body = await _json_body(request)
+        body = await json_body(request)
         email = body.get("email") if isinstance(body, dict) else None
         shown = email if isinstance(email, str) else None
         if (fault := self.faults.take("signin")) is not None:
@@ -292,11 +292,11 @@ class AuthService:
         password = body.get("password") if isinstance(body, dict) else None
         if not isinstance(email, str) or not isinstance(password, str) or not email or not password:
             self.store.record_login(shown, "VALIDATION", now, route="signin")
-            return _better_auth_error(400, "VALIDATION_ERROR", "email and password are required strings")
+            return better_auth_error(400, "VALIDATION_ERROR", "email and password are required strings")
         persona = self._check_password(email, password)
         if persona is None:
             self.store.record_login(email, "INVALID_CREDENTIALS", now, route="signin")
-            return _better_auth_error(401, "INVALID_EMAIL_OR_PASSWORD", WRONG_PASSWORD_MESSAGE)
+            return better_auth_error(401, "INVALID_EMAIL_OR_PASSWORD", WRONG_PASSWORD_MESSAGE)
         session = self._new_session(persona)
         self.store.record_login(email, "OK", now, route="signin")
         response = JSONResponse({"redirect": False, "token": session.token, "user": _user(persona)})
@@ -322,15 +322,13 @@ class AuthService:
         if user_id is None and self.spaces_accept_bearer:
             user_id = self.user_from_bearer(request)
         if user_id is None:
-            return _better_auth_error(401, "UNAUTHORIZED", "Unauthorized")
+            return better_auth_error(401, "UNAUTHORIZED", "Unauthorized")
         persona = self.store.persona(user_id)
         as_string = bool(persona and persona_options(persona).get("metadataAsString"))
         created = persona["created_at"] if persona else None
         spaces = []
         for space in self.store.spaces(user_id):
-            metadata: dict[str, str] = (
-                {"tier": "public", "type": "personal"} if space["type"] == "personal" else {"type": space["type"]}
-            )
+            metadata = space_metadata(space)
             spaces.append(
                 {
                     "id": space["id"],
@@ -339,7 +337,7 @@ class AuthService:
                     "logo": None,
                     "createdAt": created,
                     # Older rows hold the jsonb as a JSON string; clients must accept both shapes.
-                    "metadata": json.dumps(metadata) if as_string else metadata,
+                    "metadata": json.dumps(metadata) if as_string and isinstance(metadata, dict) else metadata,
                 }
             )
         return JSONResponse(spaces)
@@ -354,9 +352,9 @@ class AuthService:
             return None
         origin = request.headers.get("origin") or request.headers.get("referer") or ""
         if not origin or origin == "null":
-            return _better_auth_error(403, "MISSING_OR_NULL_ORIGIN", "Missing or null Origin")
+            return better_auth_error(403, "MISSING_OR_NULL_ORIGIN", "Missing or null Origin")
         if _origin_of(origin) not in (self.issuer, *TRUSTED_ORIGINS):
-            return _better_auth_error(403, "INVALID_ORIGIN", "Invalid origin")
+            return better_auth_error(403, "INVALID_ORIGIN", "Invalid origin")
         return None
 
     async def vault_key(self, request: Request) -> Response:
@@ -430,6 +428,14 @@ def _origin_of(value: str) -> str:
     return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else value
 
 
+def space_metadata(space: dict[str, Any]) -> Any:
+    """A space's metadata as mana-auth answers it: the JSON string a space created through Better Auth's
+    route was stored as (observed, contract §8), or the seeded jsonb object."""
+    if space.get("metadata"):
+        return space["metadata"]
+    return {"tier": "public", "type": "personal"} if space["type"] == "personal" else {"type": space["type"]}
+
+
 def _user(persona: dict[str, Any]) -> dict[str, Any]:
     """The user object both sign-ins answer (contract §3), for a seeded persona."""
     return {
@@ -446,7 +452,7 @@ def _user(persona: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _better_auth_error(status: int, code: str, message: str) -> JSONResponse:
+def better_auth_error(status: int, code: str, message: str) -> JSONResponse:
     """Better Auth's own error shape on /api/auth/*: not Mana's envelope."""
     return JSONResponse({"message": message, "code": code}, status_code=status)
 
@@ -455,7 +461,7 @@ async def _health(request: Request) -> Response:
     return JSONResponse({"ok": True, "at": datetime.now(UTC).isoformat()})
 
 
-async def _json_body(request: Request) -> Any:
+async def json_body(request: Request) -> Any:
     try:
         return json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):

@@ -127,7 +127,7 @@ def control_mount(store: Store, auth: AuthService, mcp: McpState) -> Mount:
                     "options": persona_options(p),
                     "deleted": bool(p["deleted"]),
                     "spaces": [
-                        {"id": s["id"], "name": s["name"], "slug": s["slug"], "type": s["type"]}
+                        {"id": s["id"], "name": s["name"], "slug": s["slug"], "type": s["type"], "role": s["role"]}
                         for s in store.spaces(p["id"])
                     ],
                 }

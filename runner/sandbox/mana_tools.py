@@ -22,13 +22,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from runner.sandbox.store import Store, iso, new_id
+from runner.sandbox.store import Record, Store, iso, new_id
 
 TOOLS_FILE = Path(__file__).with_name("mana-tools.json")  # package data: a byte copy of the real answer
 
 # mana-sync (Go, golang-jwt v5) answers an expired token with http.Error(401, "unauthorized: " + err).
 SYNC_EXPIRED = "401 Unauthorized — unauthorized: parse token: token has invalid claims: token is expired\n"
 PICTURE_UNAVAILABLE = "503 Service Unavailable — the sandbox does not model picture generation"
+# WebCrypto's OperationError: AES-GCM with the wrong key (another member's row, contract §8).
+DECRYPT_FAILED = "The operation failed for an operation-specific reason"
 
 
 class HandlerError(Exception):
@@ -42,23 +44,46 @@ class ToolContext:
     space_id: str
     now: datetime
     jwt_expired: bool  # the session's JWT, as a downstream service would judge it now
+    # The tool decrypts what it reads with the caller's own master key (its registry entry has encryptedFields).
+    decrypts: bool = False
+    # `--space-isolation on`: Mana as the shared-space design intends it, not as it is (contract §8).
+    isolated: bool = False
 
     def stamp(self) -> str:
         return iso(self.now)
 
     # mana-sync, as the registry's sync-client calls it --------------------------------------
 
-    def pull(self, collection: str) -> list[tuple[str, dict[str, Any]]]:
+    def pull(self, collection: str) -> list[Record]:
+        """mana-sync's pull: every space of the caller, not only the active one; isolated, the active one only."""
         if self.jwt_expired:
             raise HandlerError(f"mana-sync pull failed: {SYNC_EXPIRED}")
-        return self.store.records(collection, self.user_id)
+        records = self.store.records(collection, self.user_id)
+        return [r for r in records if r.space_id == self.space_id] if self.isolated else records
+
+    def readable(self, records: list[Record]) -> list[dict[str, Any]]:
+        """The rows as a tool that decrypts sees them.
+
+        A co-member's row in a shared space is encrypted with that member's own key, which the caller
+        cannot use: the decrypt throws and the whole read fails (contract §8). Isolated, a shared
+        space's rows are readable by its members, as the design intends.
+        """
+        if self.decrypts and not self.isolated and any(r.user_id != self.user_id for r in records):
+            raise HandlerError(DECRYPT_FAILED)
+        return [r.data for r in records]
 
     def rows(self, collection: str) -> list[dict[str, Any]]:
-        return [row for _, row in self.pull(collection)]
+        """What the read tools that do not filter by space see (todo, notes, habits, mood)."""
+        return self.readable(self.pull(collection))
 
     def space_rows(self, collection: str) -> list[dict[str, Any]]:
         """The modules that filter `row.spaceId === ctx.spaceId` after the pull (wardrobe, comic, me, augur)."""
-        return [row for space, row in self.pull(collection) if space == self.space_id and not row.get("deletedAt")]
+        here = [r for r in self.pull(collection) if r.space_id == self.space_id]
+        return [row for row in self.readable(here) if not row.get("deletedAt")]
+
+    def count(self, collection: str) -> int:
+        """How many rows a pull holds (a new row's `order`): counting decrypts nothing."""
+        return len(self.pull(collection))
 
     def push_check(self) -> None:
         if self.jwt_expired:
@@ -109,7 +134,7 @@ def _picture_failure(prefix: str) -> HandlerError:
 
 @handler("habits.create")
 def habits_create(a: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
-    order = len(ctx.rows("habits"))
+    order = ctx.count("habits")
     now = ctx.stamp()
     habit = {
         "id": new_id(),
@@ -289,7 +314,7 @@ def spaces_list(a: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
 
 @handler("todo.create")
 def todo_create(a: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
-    order = len(ctx.rows("tasks"))
+    order = ctx.count("tasks")
     now = ctx.stamp()
     task: dict[str, Any] = {"id": new_id(), "title": a["title"]}
     if "description" in a:  # `undefined` in the registry: JSON.stringify leaves the key out

@@ -54,6 +54,9 @@ class McpOptions:
     # Whose JWT the handlers use: the session's opener (the real gateway) or the request's (a stand-in for
     # clients that still re-send on an old session after renewing; tests only, until the runner reopens).
     session_jwt: SessionJwt = "opening"
+    # Every read filters by the active space and a shared space's rows are readable by its members:
+    # Mana as the shared-space design intends it. Off: as it is today (contract §8).
+    space_isolation: bool = False
 
 
 @dataclass
@@ -336,6 +339,8 @@ class ToolCalls:
             space_id=session.space_id if session else caller.space_id,
             now=self.clock.now(),
             jwt_expired=valid_claims(self.auth, self.state.cutoffs, jwt) is None,
+            decrypts=name in self.encrypting,
+            isolated=self.state.options.space_isolation,
         )
         try:
             if (message := self.state.faults.failure(name)) is not None:

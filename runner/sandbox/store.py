@@ -33,6 +33,12 @@ CREATE TABLE IF NOT EXISTS personas (
 CREATE TABLE IF NOT EXISTS spaces (
     id TEXT PRIMARY KEY, user_id TEXT NOT NULL, position INTEGER NOT NULL,
     name TEXT NOT NULL, slug TEXT NOT NULL, type TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, space_id TEXT NOT NULL, user_id TEXT NOT NULL,
+    role TEXT NOT NULL, created_at TEXT NOT NULL, UNIQUE (space_id, user_id));
+CREATE TABLE IF NOT EXISTS invitations (
+    id TEXT PRIMARY KEY, space_id TEXT NOT NULL, email TEXT NOT NULL, role TEXT NOT NULL, inviter_id TEXT NOT NULL,
+    status TEXT NOT NULL, expires_at TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS actions (
     id TEXT PRIMARY KEY, persona_id TEXT NOT NULL, tick_id TEXT NOT NULL, tool_name TEXT NOT NULL,
     result TEXT NOT NULL, input_hash TEXT, error_message TEXT, latency_ms INTEGER, created_at TEXT NOT NULL);
@@ -161,6 +167,14 @@ class Store:
             self._db.execute("ALTER TABLE logins ADD COLUMN route TEXT NOT NULL DEFAULT 'login'")
         if "real_at" not in columns:
             self._db.execute("ALTER TABLE logins ADD COLUMN real_at REAL NOT NULL DEFAULT 0")
+        # Spaces made through Better Auth's create route keep their metadata as the JSON string it stored.
+        if "metadata" not in {row["name"] for row in self._db.execute("PRAGMA table_info(spaces)")}:
+            self._db.execute("ALTER TABLE spaces ADD COLUMN metadata TEXT")
+        # A sandbox file from before memberships: each seeded space's creator is its owner.
+        self._db.execute(
+            "INSERT OR IGNORE INTO members (id, space_id, user_id, role, created_at)"
+            " SELECT lower(hex(randomblob(16))), id, user_id, 'owner', '' FROM spaces ORDER BY user_id, position"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -245,10 +259,12 @@ class Store:
                     spaces.append(("family", f"Familie {name}", f"familie-{name}"))
                 spaces.append(("personal", f"{name} (privat)", f"personal-{name}"))
             for position, (kind, space_name, slug) in enumerate(spaces):
+                space_id = new_opaque_id()
                 db.execute(
                     "INSERT INTO spaces (id, user_id, position, name, slug, type) VALUES (?,?,?,?,?,?)",
-                    (new_opaque_id(), user_id, position, space_name, slug, kind),
+                    (space_id, user_id, position, space_name, slug, kind),
                 )
+                _add_member(db, space_id, user_id, "owner", iso(now))
         return {"userId": user_id, "email": email}
 
     def persona_by_email(self, email: str) -> dict[str, Any] | None:
@@ -258,7 +274,81 @@ class Store:
         return self.one("SELECT * FROM personas WHERE id = ? AND deleted = 0", (user_id,))
 
     def spaces(self, user_id: str) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM spaces WHERE user_id = ? ORDER BY position", (user_id,))
+        """The spaces the user is a member of, in the order they joined (Better Auth's organization list)."""
+        return self.query(
+            "SELECT s.*, m.role FROM spaces s JOIN members m ON m.space_id = s.id WHERE m.user_id = ? ORDER BY m.seq",
+            (user_id,),
+        )
+
+    # --- organizations (Better Auth's organization plugin, contract §8) -----------------------
+
+    def space_by_slug(self, slug: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM spaces WHERE slug = ?", (slug,))
+
+    def space_by_id(self, space_id: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM spaces WHERE id = ?", (space_id,))
+
+    def create_space(
+        self, owner_id: str, name: str, slug: str, kind: str, metadata: str, now: datetime
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A new organization and its creator's owner membership; (space row, member row)."""
+        space_id = new_opaque_id()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO spaces (id, user_id, position, name, slug, type, metadata) VALUES (?,?,?,?,?,?,?)",
+                (space_id, owner_id, 0, name, slug, kind, metadata),
+            )
+            _add_member(db, space_id, owner_id, "owner", iso(now))
+        space, member = self.space_by_id(space_id), self.member(space_id, owner_id)
+        assert space is not None and member is not None
+        return space, member
+
+    def member(self, space_id: str, user_id: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM members WHERE space_id = ? AND user_id = ?", (space_id, user_id))
+
+    def members(self, space_id: str) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT m.*, p.name, p.email FROM members m JOIN personas p ON p.id = m.user_id"
+            " WHERE m.space_id = ? ORDER BY m.seq",
+            (space_id,),
+        )
+
+    def add_member(self, space_id: str, user_id: str, role: str, now: datetime) -> dict[str, Any]:
+        with self.transaction() as db:
+            _add_member(db, space_id, user_id, role, iso(now))
+        member = self.member(space_id, user_id)
+        assert member is not None
+        return member
+
+    def remove_member(self, space_id: str, user_id: str) -> bool:
+        return self.execute("DELETE FROM members WHERE space_id = ? AND user_id = ?", (space_id, user_id)) > 0
+
+    def invitation(self, invitation_id: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM invitations WHERE id = ?", (invitation_id,))
+
+    def pending_invitations(self, email: str, space_id: str | None = None) -> list[dict[str, Any]]:
+        rows = self.query(
+            "SELECT i.*, s.name AS organization_name FROM invitations i JOIN spaces s ON s.id = i.space_id"
+            " WHERE lower(i.email) = lower(?) AND i.status = 'pending' ORDER BY i.created_at",
+            (email,),
+        )
+        return [r for r in rows if space_id is None or r["space_id"] == space_id]
+
+    def create_invitation(
+        self, space_id: str, email: str, role: str, inviter_id: str, now: datetime, expires: datetime
+    ) -> dict[str, Any]:
+        invitation_id = new_opaque_id()
+        self.execute(
+            "INSERT INTO invitations (id, space_id, email, role, inviter_id, status, expires_at, created_at)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (invitation_id, space_id, email, role, inviter_id, "pending", iso(expires), iso(now)),
+        )
+        invitation = self.invitation(invitation_id)
+        assert invitation is not None
+        return invitation
+
+    def set_invitation_status(self, invitation_id: str, status: str) -> None:
+        self.execute("UPDATE invitations SET status = ? WHERE id = ?", (status, invitation_id))
 
     def password_ok(self, persona: dict[str, Any], password: str, seed_secret: str) -> bool:
         secret = persona["password_secret"] or seed_secret
@@ -295,13 +385,31 @@ class Store:
             )
         return True
 
-    def records(self, collection: str, user_id: str) -> list[tuple[str, dict[str, Any]]]:
-        """(space id, row) of every record of the user in a collection, oldest first (a mana-sync pull)."""
+    def records(self, collection: str, user_id: str) -> list[Record]:
+        """A mana-sync pull, oldest first: the user's own rows in every space, plus co-members' rows in
+        the spaces the user belongs to (`WHERE user_id = $me OR space_id = ANY($my_spaces)`, contract §8)."""
         rows = self.query(
-            "SELECT space_id, data FROM tool_records WHERE collection = ? AND user_id = ? ORDER BY seq",
-            (collection, user_id),
+            "SELECT space_id, user_id, data FROM tool_records WHERE collection = ?"
+            " AND (user_id = ? OR space_id IN (SELECT space_id FROM members WHERE user_id = ?)) ORDER BY seq",
+            (collection, user_id, user_id),
         )
-        return [(str(r["space_id"]), dict(json.loads(r["data"]))) for r in rows]
+        return [Record(str(r["space_id"]), str(r["user_id"]), dict(json.loads(r["data"]))) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One pulled row: the space it was pushed into, who pushed it, and its data."""
+
+    space_id: str
+    user_id: str
+    data: dict[str, Any]
+
+
+def _add_member(db: sqlite3.Connection, space_id: str, user_id: str, role: str, at: str) -> None:
+    db.execute(
+        "INSERT INTO members (id, space_id, user_id, role, created_at) VALUES (?,?,?,?,?)",
+        (new_opaque_id(), space_id, user_id, role, at),
+    )
 
 
 def persona_options(row: dict[str, Any]) -> dict[str, bool]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from runner.sandbox.auth import AuthService
 
 SessionOwner = Callable[[str], str | None]
+ORGANIZATION = "/api/auth/organization/"
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -98,7 +99,9 @@ class Witness:
             body = await read_body(receive)
             receive = replay(body, receive)
             message = _json(body)
-            if self.service == "auth" and isinstance(email := _field(message, "email"), str):
+            # A sign-in's email is a credential; an invitation's names its invitee, who sent nothing.
+            invitation = scope["path"].startswith(ORGANIZATION)
+            if self.service == "auth" and not invitation and isinstance(email := _field(message, "email"), str):
                 persona = self.store.persona_by_email(email)
                 owners.add(persona["id"] if persona else f"<{email}>")
             if self.service == "mcp" and _field(message, "method") == "tools/call":

@@ -1,6 +1,6 @@
 """The journal's tables, and the numbered migrations that build them, for SQLite and PostgreSQL.
 
-One definition serves both the queries (runner/journal.py) and the migrations: every table and
+One definition serves both the queries (runner/journal/) and the migrations: every table and
 column says in `info["since"]` which schema version added it. Migration N creates the tables,
 columns and indexes marked `since=N`; so the DDL of a step is derived from the same objects
 the queries use, and both dialects get their own types (REAL/DOUBLE, BLOB/BYTEA, SERIAL).

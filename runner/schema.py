@@ -25,6 +25,8 @@ _meta = sa.MetaData()
 # Version of each table and column: the step that added it.
 _V1 = {"since": 1}
 _V2 = {"since": 2}
+# Version 3 is issue 13's (a per-persona vault table); 4 is the report's read model.
+_V4 = {"since": 4}
 
 ticks = sa.Table(
     "ticks",
@@ -124,6 +126,88 @@ batches = sa.Table(
     sa.Column("lease_until", sa.Float, info=_V2),
     info=_V1,
 )
+# --- The report's read model (step 4): written in the transaction that seals a tick, never pruned ---
+# Latency is kept as counts in fixed log-scale buckets (runner/journal/rollup.py owns the edges), so
+# rows of any days, personas and replicas merge by plain SUM and p50/p95 come out of the sums.
+LATENCY_BUCKETS = 32
+# Error cause classes, one counter column each (runner/journal/rollup.py decides the class).
+CAUSES: tuple[str, ...] = ("schema", "handler", "policy", "session", "transport", "model", "scope")
+# One row per day (the tick's window), persona, module and tool: a year of a 1,000-persona fleet is
+# about 365 x 1,000 x 8 rows. `tool` is '' on a module's own row (its ticks and ratings); the tick
+# itself is module '__tick' (its failures before any tool under tool '__tick:<stage>').
+rollup = sa.Table(
+    "rollup",
+    _meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("module", sa.String(255), primary_key=True),
+    sa.Column("tool", sa.String(255), primary_key=True),
+    sa.Column("ticks", sa.Integer, nullable=False),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("errors", sa.Integer, nullable=False),
+    *(sa.Column(f"err_{cause}", sa.Integer, nullable=False) for cause in CAUSES),
+    *(sa.Column(f"lat_{k:02d}", sa.Integer, nullable=False) for k in range(LATENCY_BUCKETS)),
+    sa.Column("rating_sum", sa.Integer, nullable=False),
+    sa.Column("rating_n", sa.Integer, nullable=False),
+    info=_V4,
+)
+# One distinct problem: a tool (or a tick stage) and a normalised cause; `id` is a hash of both, so
+# the same problem has the same id on every replica and after every prune.
+findings = sa.Table(
+    "findings",
+    _meta,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("tool", sa.String(255), nullable=False, index=True),
+    sa.Column("cause_class", sa.String(16), nullable=False),
+    sa.Column("cause", sa.Text, nullable=False),
+    sa.Column("first_day", sa.String(10), nullable=False),
+    sa.Column("last_day", sa.String(10), nullable=False),
+    sa.Column("last_at", sa.Float, nullable=False),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("ticks", sa.Integer, nullable=False),
+    # Successful calls of the tool (ok ticks, for a stage) since the finding was last seen: `gone` after N.
+    sa.Column("ok_since", sa.Integer, nullable=False),
+    sa.Column("example_error", sa.Text, nullable=False),
+    sa.Column("example_input_hash", sa.String(16)),
+    sa.Column("last_error", sa.Text, nullable=False),
+    info=_V4,
+)
+# A finding's calls and ticks per day and persona: the period's counts and the personas it touched.
+finding_days = sa.Table(
+    "finding_days",
+    _meta,
+    sa.Column("finding_id", sa.String(16), primary_key=True),
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("ticks", sa.Integer, nullable=False),
+    info=_V4,
+)
+sa.Index("ix_finding_days_day", finding_days.c.day, info=_V4)
+# What a day offered and asked for: the tools mana-mcp served (`served`) and the modules the
+# personas' moduleMix named (`asked`), for coverage and demand without a tool.
+catalogue = sa.Table(
+    "catalogue",
+    _meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("kind", sa.String(8), primary_key=True),  # served | asked
+    sa.Column("name", sa.String(255), primary_key=True),
+    info=_V4,
+)
+# Each persona's last sealed tick, for the report's personas section (the ticks table is pruned).
+persona_last = sa.Table(
+    "persona_last",
+    _meta,
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("tick_id", sa.String(64), nullable=False),
+    sa.Column("window", sa.String(32), nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("modules", sa.Text, nullable=False),
+    sa.Column("space_id", sa.String(255)),
+    sa.Column("sealed_at", sa.Float, nullable=False),
+    info=_V4,
+)
 # /ready's write probe: opening a read-only file succeeds; only a write tells.
 ready_probe = sa.Table("ready_probe", _meta, sa.Column("at", sa.Float), info=_V1)
 migrations = sa.Table(
@@ -139,6 +223,10 @@ migrations = sa.Table(
 STEPS: tuple[str, ...] = (
     "baseline: the tables of the last unversioned release",
     "replicas: claim by unique (persona, window), tick and batch leases",
+    # Issue 13's step (the per-persona vault table); a placeholder here so that steps stay numbered
+    # 1..N: the merge replaces this name and adds its table with since=3.
+    "reserved for issue 13",
+    "report: daily rollup, findings, catalogue, each persona's last tick",
 )
 SCHEMA_VERSION = len(STEPS)
 # Columns the unversioned releases added at open with ALTER TABLE; an old journal may lack them.
@@ -204,11 +292,7 @@ def upgrade(conn: sa.Connection) -> tuple[int, int]:
         found = 0
     else:
         found = int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(migrations.c.version), 0))) or 0)
-    if found > SCHEMA_VERSION:
-        raise SchemaError(
-            f"written by a newer runner (schema version {found}; this runner knows up to {SCHEMA_VERSION}); "
-            "upgrade the runner or point it at another journal"
-        )
+    _not_newer(found)
     if found == 0 and present:
         # An unversioned journal: every column but the stopgap's must already be there.
         for table in _meta.sorted_tables:
@@ -228,6 +312,28 @@ def upgrade(conn: sa.Connection) -> tuple[int, int]:
             conn.execute(batches.update().where(batches.c.state == "dead").values(state="refused"))
         conn.execute(migrations.insert().values(version=version, name=STEPS[version - 1][:64], applied_at=_epoch(conn)))
     return found, SCHEMA_VERSION
+
+
+def _not_newer(found: int) -> None:
+    if found > SCHEMA_VERSION:
+        raise SchemaError(
+            f"written by a newer runner (schema version {found}; this runner knows up to {SCHEMA_VERSION}); "
+            "upgrade the runner or point it at another journal"
+        )
+
+
+def check(conn: sa.Connection) -> int:
+    """The version of a journal that is only to be read (the report): nothing is created or migrated.
+
+    Raises SchemaError unless it is a runner journal at exactly this code's version.
+    """
+    if migrations.name not in set(sa.inspect(conn).get_table_names()):
+        raise SchemaError("not a runner journal (no schema_migrations table)")
+    found = int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(migrations.c.version), 0))) or 0)
+    _not_newer(found)
+    if found < SCHEMA_VERSION:
+        raise SchemaError(f"schema version {found}: start the runner once to migrate it to {SCHEMA_VERSION}")
+    return found
 
 
 def clock(dialect: str) -> sa.ColumnElement[float]:

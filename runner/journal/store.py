@@ -22,7 +22,12 @@ from sqlalchemy.dialects import postgresql as pg_insert
 from sqlalchemy.dialects import sqlite as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from runner.schema import SchemaError, clock, ready_probe, ticks, upgrade
+from runner.schema import SchemaError, check, clock, ready_probe, ticks, upgrade
+
+
+def insert(dialect: str, table: sa.Table) -> sqlite_insert.Insert | pg_insert.Insert:
+    """The dialect's INSERT, which has ON CONFLICT (upserts) on both SQLite and PostgreSQL."""
+    return pg_insert.insert(table) if dialect == "postgresql" else sqlite_insert.insert(table)
 
 
 class JournalError(Exception):
@@ -151,7 +156,7 @@ class Store:
         return float(await conn.scalar(sa.select(self._clock)) or 0.0)
 
     def _insert(self, table: sa.Table) -> sqlite_insert.Insert | pg_insert.Insert:
-        return pg_insert.insert(table) if self._postgres else sqlite_insert.insert(table)
+        return insert(self._engine.dialect.name, table)
 
     async def _upsert(self, conn: AsyncConnection, table: sa.Table, values: dict[str, Any]) -> None:
         keys = [c.name for c in table.primary_key.columns]
@@ -161,15 +166,19 @@ class Store:
         )
 
     @classmethod
-    async def open(cls, where: Path | str, *, own: bool = True, lease_s: float = 60.0) -> Self:
+    async def open(cls, where: Path | str, *, own: bool = True, lease_s: float = 60.0, read_only: bool = False) -> Self:
         """Open (or create) the journal and migrate it; raises JournalError, one line, for any problem.
 
         `where` is the SQLite file (a Path) or a PostgreSQL URL (`postgresql+asyncpg://...`).
         `own=False` is for the maintenance commands: they read counts, flip batch states and
         record login blocks in single short transactions, which is safe beside a running owner.
+        `read_only=True` is for the report and status: an existing journal at this code's version,
+        opened without a write (no migration, no probe), so it never waits on nor holds up a writer.
         """
+        if read_only and isinstance(where, Path) and not where.is_file():
+            raise JournalError(f"journal {where}: no such file")
         if isinstance(where, Path):
-            label, owner, engine = _sqlite(where, own)
+            label, owner, engine = _sqlite(where, own and not read_only)
         else:
             url = sa.engine.make_url(where)
             label, owner = f"journal {url.render_as_string(hide_password=True)}", None
@@ -179,7 +188,7 @@ class Store:
             )
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(_prepare)
+                await conn.run_sync(check if read_only else _prepare)
         except BaseException as exc:
             await engine.dispose()
             if owner is not None:
@@ -190,6 +199,12 @@ class Store:
                 raise JournalError(f"{label}: {_db_problem(exc)}") from None
             raise
         return cls(engine, owner, lease_s)
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads only (the report): on SQLite's WAL it neither waits for nor blocks the writer."""
+        async with self._engine.connect() as conn:
+            yield conn
 
     async def close(self) -> None:
         await self._engine.dispose()

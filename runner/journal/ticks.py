@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runner.journal.batches import freeze
+from runner.journal.rollup import SealedCall, SealedTick, record_sealed
 from runner.journal.store import LeaseLost, Store
-from runner.persona import TICK_ROW, ActionRow, FeedbackRow, clean_text
+from runner.persona import PARSE_MODULE, TICK_ROW, ActionRow, FeedbackRow, clean_text
 from runner.schema import batches, calls, ratings, tick_spaces, ticks
 
 # Rows deleted per prune transaction: SQLite caps bound variables (32766), and a short
@@ -95,7 +96,7 @@ class TickWrites(Store):
         ).all()
         for old_id, last_error in stale:
             row = ActionRow(TICK_ROW, "error", error_message=last_error)
-            await self._seal(conn, old_id, "failed", row, now, when=ticks.c.state == "retry")
+            await self._seal(conn, old_id, "failed", row, now, when=ticks.c.state == "retry", stage="retry")
 
     async def renew_leases(self) -> int:
         """Extend the lease of every tick this replica is running; returns how many it holds."""
@@ -183,14 +184,15 @@ class TickWrites(Store):
                     ratings.insert().values(tick_id=tick_id, module=row.module, rating=row.rating, notes=row.notes)
                 )
 
-    async def seal(self, tick_id: str, outcome: str, tick_row: ActionRow | None) -> bool:
+    async def seal(self, tick_id: str, outcome: str, tick_row: ActionRow | None, stage: str | None = None) -> bool:
         """Freeze the tick's rows into batches; after this nothing about the tick changes.
 
+        `stage` is where a failing tick was (login, play, ...): its finding is named after it.
         False when this replica no longer holds the tick (another one sealed it as interrupted).
         """
         async with self._write() as conn:
             now = await self._now(conn)
-            return await self._seal(conn, tick_id, outcome, tick_row, now, when=self._mine())
+            return await self._seal(conn, tick_id, outcome, tick_row, now, when=self._mine(), stage=stage)
 
     async def _seal(
         self,
@@ -201,17 +203,21 @@ class TickWrites(Store):
         now: float,
         *,
         when: sa.ColumnElement[bool],
+        stage: str | None = None,
     ) -> bool:
         # The state change comes first and is conditional: it takes the row lock, so of two
         # replicas sealing one tick exactly one writes its batches, and the other finds nothing to do.
-        persona_id = await conn.scalar(
-            ticks.update()
-            .where(ticks.c.tick_id == tick_id, when)
-            .values(state="sealed", outcome=outcome, updated_at=now, lease_until=None)
-            .returning(ticks.c.persona_id)
-        )
-        if persona_id is None:
+        sealed = (
+            await conn.execute(
+                ticks.update()
+                .where(ticks.c.tick_id == tick_id, when)
+                .values(state="sealed", outcome=outcome, updated_at=now, lease_until=None)
+                .returning(ticks.c.persona_id, ticks.c.window)
+            )
+        ).first()
+        if sealed is None:
             return False
+        persona_id, window = str(sealed.persona_id), str(sealed.window)
         action_rows = [
             ActionRow(
                 tool_name=r.tool_name,
@@ -227,14 +233,38 @@ class TickWrites(Store):
                 await conn.execute(sa.select(calls).where(calls.c.tick_id == tick_id).order_by(calls.c.seq))
             ).all()
         ]
-        if tick_row is not None:
-            action_rows.append(tick_row)
         feedback_rows = [
             FeedbackRow(r.module, r.rating, r.notes)
             for r in (
                 await conn.execute(sa.select(ratings).where(ratings.c.tick_id == tick_id).order_by(ratings.c.module))
             ).all()
         ]
+        space = await conn.scalar(sa.select(tick_spaces.c.space_id).where(tick_spaces.c.tick_id == tick_id))
+        # The read model, from the very rows that are frozen, in the same transaction.
+        parse_failure = next((r.notes or "" for r in feedback_rows if r.module == PARSE_MODULE), None)
+        await record_sealed(
+            conn,
+            SealedTick(
+                tick_id=tick_id,
+                persona_id=persona_id,
+                window=window,
+                outcome=outcome,
+                stage=stage or outcome,
+                calls=[
+                    SealedCall(r.tool_name, r.result == "ok", r.error_message, r.latency_ms, r.input_hash)
+                    for r in action_rows
+                ],
+                ratings=[(r.module, r.rating) for r in feedback_rows if r.module != PARSE_MODULE],
+                parse_failure=parse_failure,
+                tick_error=tick_row.error_message or "error"
+                if tick_row is not None and tick_row.result == "error"
+                else None,
+                space_id=None if space is None else str(space),
+                now=now,
+            ),
+        )
+        if tick_row is not None:
+            action_rows.append(tick_row)
         await freeze(conn, tick_id, persona_id, action_rows, feedback_rows, now)
         return True
 

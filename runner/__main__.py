@@ -1,5 +1,5 @@
 """Command line: serve (default) | once | demo | login EMAIL | tools EMAIL | password EMAIL | outbox [--retry]
-| sandbox.
+| report [--since 7d] [--json] [--html FILE] | sandbox.
 
 Exit codes: 0 done, 1 the run could not be made (Mana unreachable, login refused),
 2 bad configuration or usage, including a journal that cannot be used (corrupt, not a
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     password.add_argument("email")
     outbox = sub.add_parser("outbox", help="batches by delivery state; --retry re-sends refused and parked ones")
     outbox.add_argument("--retry", action="store_true", help="put refused and parked batches back in the queue")
+    report = sub.add_parser("report", help="what the personas found: findings, rating trends, tools, coverage")
+    report.add_argument("--since", default="7d", help="the period: the last N days (7d) or weeks (2w), today included")
+    report.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    report.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts to FILE")
     sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
     args, rest = parser.parse_known_args(argv)
     command = args.command or "serve"
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_once(settings))
     if command == "outbox":
         return _run(_outbox(settings, retry=args.retry))
+    if command == "report":
+        return _run(_report(settings, args.since, as_json=args.json, html=args.html))
     return _run(_serve(settings))
 
 
@@ -94,6 +100,9 @@ def _run(coro: Any) -> int:
     except (ManaError, _Fatal) as exc:
         _error(exc)
         return 1
+    except _Usage as exc:
+        _error(exc)
+        return 2
 
 
 def _error(exc: Exception) -> None:
@@ -104,6 +113,10 @@ def _error(exc: Exception) -> None:
 
 class _Fatal(Exception):
     """A run that cannot go on, reported as one line."""
+
+
+class _Usage(Exception):
+    """Bad input to a command (an unreadable option, a file that cannot be written): one line, exit 2."""
 
 
 async def _serve(settings: Settings) -> int:
@@ -165,6 +178,45 @@ async def _outbox(settings: Settings, *, retry: bool) -> int:
             )
     finally:
         await journal.close()
+    return 0
+
+
+async def _report(settings: Settings, since: str, *, as_json: bool, html: str | None) -> int:
+    """What the personas found, read from the journal without writing to it (safe beside any number of replicas)."""
+    import json
+
+    from rich.console import Console
+
+    from runner import report
+    from runner.journal import Journal
+
+    try:
+        period = report.period_of(report.parse_since(since), datetime.now(UTC).date())
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+    thresholds = report.Thresholds(
+        settings.report_recent_days,
+        settings.report_prior_days,
+        settings.report_regression_drop,
+        settings.report_min_ratings,
+        settings.report_gone_after,
+    )
+    journal = await Journal.open(settings.journal_location, read_only=True)
+    try:
+        found = await report.build(journal, period, thresholds)
+    finally:
+        await journal.close()
+    if html is not None:
+        from runner.report_page import page
+
+        try:
+            Path(html).write_text(page(found), encoding="utf-8")
+        except OSError as exc:
+            raise _Usage(f"--html {html}: cannot write: {exc.strerror or exc}") from None
+    if as_json:
+        print(json.dumps(found, ensure_ascii=False, indent=2))
+    else:
+        report.render(found, Console())
     return 0
 
 

@@ -41,9 +41,9 @@ def ratings_chart(series: dict[str, dict[str, float]], since: str, until: str) -
         return HEIGHT - PAD - (rating - 1) / 4 * (HEIGHT - 2 * PAD)
 
     parts = [f'<svg id="ratings-chart" width="{WIDTH}" height="{HEIGHT + 20 * len(series)}" role="img">']
-    for rating in range(1, 6):
-        parts.append(f'<line x1="{PAD}" x2="{WIDTH - PAD}" y1="{y(rating):.1f}" y2="{y(rating):.1f}" stroke="#ddd"/>')
-        parts.append(f'<text x="{PAD - 14}" y="{y(rating) + 4:.1f}">{rating}</text>')
+    for level in range(1, 6):
+        parts.append(f'<line x1="{PAD}" x2="{WIDTH - PAD}" y1="{y(level):.1f}" y2="{y(level):.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{PAD - 14}" y="{y(level) + 4:.1f}">{level}</text>')
     parts.append(f'<text x="{PAD}" y="{HEIGHT - 10}">{escape(since)}</text>')
     parts.append(f'<text x="{WIDTH - PAD - 60}" y="{HEIGHT - 10}">{escape(until)}</text>')
     for i, (module, by_day) in enumerate(sorted(series.items())):

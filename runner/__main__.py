@@ -216,7 +216,8 @@ async def _report(settings: Settings, since: str, *, as_json: bool, html: str | 
     if as_json:
         print(json.dumps(found, ensure_ascii=False, indent=2))
     else:
-        report.render(found, Console())
+        # Off a terminal (a pipe, a file) rich would cut the tables to 80 columns: ids and causes must survive.
+        report.render(found, Console(width=None if sys.stdout.isatty() else 240))
     return 0
 
 

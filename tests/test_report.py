@@ -6,6 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import sqlite3
+import struct
+import subprocess
+import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -252,3 +258,111 @@ async def test_finding_ids_are_the_same_in_two_journals_in_any_order_and_after_a
     finally:
         await forward.close()
         await backward.close()
+
+
+# --- The command line: one JSON object, a page a real browser draws, one line for bad input ---------------
+
+
+def _cli(*args: str, journal: Path | str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MANA_", "PERSONA_", "RUNNER_", "REPORT_"))}
+    env.update(RUNNER_STATE_PATH=str(journal), LOG_FORMAT="json", REPORT_GONE_AFTER=str(THRESHOLDS.gone_after))
+    return subprocess.run(
+        [sys.executable, "-m", "runner", "report", *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_report_json_has_the_issues_keys_and_the_journals_findings(run: Run, tmp_path: Path) -> None:
+    done = _cli("--since", f"{DAYS}d", "--json", journal=run.journal_path, tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert {"findings", "modules", "tools", "coverage", "personas", "period"} <= set(found)
+    assert found["period"] == {"since": _day(1).isoformat(), "until": _day(DAYS).isoformat()}
+    finding = _only_finding(found)
+    assert set(finding) >= {"id", "tool", "cause", "status", "first_seen", "last_seen", "calls", "ticks", "personas"}
+    assert finding["status"] == "gone" and finding["example"]["error"].endswith(SYNC_FAILURE)
+    module = found["modules"][0]
+    assert set(module) >= {"module", "ticks", "calls", "errors", "error_rate", "rating_mean", "rating_n", "trend"}
+    assert set(module["trend"]) >= {"recent_mean", "prior_mean", "delta", "regression"}
+    assert set(found["tools"][0]) >= {"tool", "calls", "errors", "error_rate", "latency_ms_p50", "latency_ms_p95"}
+    assert set(found["coverage"]) >= {"served", "exercised", "share", "never_called"}
+    # On a terminal's place: tables, with the finding in them.
+    tables = _cli("--since", f"{DAYS}d", journal=run.journal_path, tmp=tmp_path)
+    assert tables.returncode == 0 and "Findings" in tables.stdout and finding["id"] in tables.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (("--since", "yesterday"), "--since 'yesterday': expected a number of days or weeks"),
+        (("--since", "0d"), "--since '0d'"),
+        (("--html", "/nonexistent-dir/report.html"), "--html /nonexistent-dir/report.html: cannot write"),
+    ],
+)
+def test_bad_report_options_are_one_line_and_exit_two(
+    run: Run, tmp_path: Path, args: tuple[str, ...], problem: str
+) -> None:
+    done = _cli(*args, journal=run.journal_path, tmp=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip()[7:]}"]
+    assert problem in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_journal_that_is_not_a_runner_journal_is_one_line_and_exit_two(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database at all\n" * 100)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    for path, problem in (
+        (text, "file is not a database"),
+        (other, "not a runner journal"),
+        (tmp_path / "missing.db", "no such file"),
+    ):
+        done = _cli(journal=path, tmp=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and problem in done.stderr, done.stderr
+    assert not (tmp_path / "missing.db").exists(), "a report never creates a journal"
+
+
+def test_the_page_renders_in_a_real_headless_browser_with_its_charts(run: Run, tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    done = _cli("--since", f"{DAYS}d", "--html", str(page), journal=run.journal_path, tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    html = page.read_text()
+    assert "http://" not in html and "https://" not in html and "<script" not in html, "self-contained"
+    browser = ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr"]
+    shot = tmp_path / "shot.png"
+    drawn = subprocess.run(
+        [*browser, "--window-size=1000,1600", f"--screenshot={shot}", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    console = [line for line in drawn.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    dom = drawn.stdout
+    # Every module's rating on every day it was rated is a point; every tool a bar.
+    points = sum(
+        len(days)
+        for days in json.loads(_cli("--since", f"{DAYS}d", "--json", journal=run.journal_path, tmp=tmp_path).stdout)[
+            "ratings_by_day"
+        ].values()
+    )
+    assert points > DAYS and dom.count('class="point"') == points
+    assert dom.count('class="bar"') == len(set(c["tool"] for c in run.calls))
+    assert _distinct_pixels(shot) > 16, "the screenshot is blank"
+
+
+def _distinct_pixels(png: Path) -> int:
+    """Distinct byte values in a PNG's pixel data: a blank page has two (white and the row filter)."""
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at, idat = 8, b""
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind = data[at + 4 : at + 8]
+        if kind == b"IDAT":
+            idat += data[at + 8 : at + 8 + length]
+        at += 12 + length
+    return len(set(zlib.decompress(idat)))

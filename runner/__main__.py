@@ -1,5 +1,5 @@
 """Command line: serve (default) | once | demo | login EMAIL | tools EMAIL | password EMAIL | outbox [--retry]
-| report [--since 7d] [--json] [--html FILE] | sandbox.
+| report [--since 7d] [--json] [--html FILE] | status | sandbox.
 
 Exit codes: 0 done, 1 the run could not be made (Mana unreachable, login refused),
 2 bad configuration or usage, including a journal that cannot be used (corrupt, not a
@@ -27,6 +27,8 @@ from runner.persona import DEV_SEED_SECRET, derive_password
 from runner.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from runner.journal import Journal
     from runner.mana.auth import AuthClient
     from runner.tick import TickConfig
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--since", default="7d", help="the period: the last N days (7d) or weeks (2w), today included")
     report.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     report.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts to FILE")
+    sub.add_parser("status", help="what the fleet is doing now: replicas' polls, ticks in flight, outbox, today")
     sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
     args, rest = parser.parse_known_args(argv)
     command = args.command or "serve"
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_once(settings))
     if command == "outbox":
         return _run(_outbox(settings, retry=args.retry))
+    if command == "status":
+        return _run(_status(settings))
     if command == "report":
         return _run(_report(settings, args.since, as_json=args.json, html=args.html))
     return _run(_serve(settings))
@@ -185,8 +190,6 @@ async def _report(settings: Settings, since: str, *, as_json: bool, html: str | 
     """What the personas found, read from the journal without writing to it (safe beside any number of replicas)."""
     import json
 
-    from rich.console import Console
-
     from runner import report
     from runner.journal import Journal
 
@@ -216,8 +219,34 @@ async def _report(settings: Settings, since: str, *, as_json: bool, html: str | 
     if as_json:
         print(json.dumps(found, ensure_ascii=False, indent=2))
     else:
-        # Off a terminal (a pipe, a file) rich would cut the tables to 80 columns: ids and causes must survive.
-        report.render(found, Console(width=None if sys.stdout.isatty() else 240))
+        report.render(found, _console())
+    return 0
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    # Off a terminal (a pipe, a file) rich would cut the tables to 80 columns: ids and causes must survive.
+    return Console(width=None if sys.stdout.isatty() else 240)
+
+
+async def _status(settings: Settings) -> int:
+    """The fleet now, read from the journal (every replica), without writing to it."""
+    from runner import report
+    from runner.journal import Journal
+
+    journal = await Journal.open(settings.journal_location, read_only=True)
+    try:
+        state = await report.status(journal, datetime.now(UTC).date())
+    finally:
+        await journal.close()
+    # A replica polls every TICK_INTERVAL_MS; three missed polls (and a minute's grace) mean it is gone.
+    recent = 3 * settings.tick_interval_ms / 1000 + 60
+    state["replicas"] = [r for r in state["replicas"] if r["polled_s_ago"] <= recent]
+    if not state["replicas"]:
+        print(f"no runner has polled this journal in the last {recent:.0f} s")
+        return 0
+    report.render_status(state, _console())
     return 0
 
 

@@ -1,4 +1,5 @@
-"""What the personas found, read from the journal only: findings, rating trends, tools, coverage, personas.
+"""What the personas found, and what the fleet is doing now, read from the journal only: findings, rating
+trends, tools, coverage, personas (`report`), and polls, ticks in flight, outbox, today's ticks (`status`).
 
 It reads the read model that sealing keeps (runner/journal/rollup.py), never the raw rows' totals, so
 a report covers every replica on a shared journal and stays whole after pruning. Every number comes
@@ -23,7 +24,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runner.journal import Journal
 from runner.journal.rollup import STAGE_PREFIX, quantile
 from runner.persona import module_of
-from runner.schema import LATENCY_BUCKETS, catalogue, finding_days, findings, persona_last, ratings, rollup, ticks
+from runner.schema import (
+    LATENCY_BUCKETS,
+    catalogue,
+    clock,
+    finding_days,
+    findings,
+    persona_last,
+    polls,
+    ratings,
+    rollup,
+    ticks,
+)
 
 # Modules that are the runner's own bookkeeping (the tick itself, an unreadable rating), not Mana's.
 _INTERNAL = "__"
@@ -465,3 +477,75 @@ def render(report: dict[str, Any], console: Console) -> None:
             last["space"] or "-",
         )
     console.print(table)
+
+
+async def status(journal: Journal, today: date) -> dict[str, Any]:
+    """What the fleet is doing now, for every replica on the journal: polls, ticks in flight, outbox, today."""
+    async with journal.reading() as conn:
+        now = float(await conn.scalar(sa.select(clock(conn.dialect.name))) or 0.0)
+        replicas = (await conn.execute(sa.select(polls).order_by(sa.desc(polls.c.at)))).all()
+        running = (
+            await conn.execute(
+                sa.select(ticks.c.persona_id, ticks.c.stage, ticks.c.created_at, ticks.c.owner, ticks.c.attempts)
+                .where(ticks.c.state == "running")
+                .order_by(ticks.c.created_at)
+            )
+        ).all()
+        outcomes = (
+            await conn.execute(
+                sa.select(sa.func.coalesce(ticks.c.outcome, ticks.c.state), sa.func.count())
+                .where(sa.func.substr(ticks.c.window, 1, 10) == today.isoformat())
+                .group_by(sa.func.coalesce(ticks.c.outcome, ticks.c.state))
+            )
+        ).all()
+    return {
+        "replicas": [
+            {
+                "replica": r.replica,
+                "polled_s_ago": round(now - r.at, 1),
+                "result": r.result,
+                "due": r.due,
+                "started": r.started,
+                "error": r.error,
+            }
+            for r in replicas
+        ],
+        "in_flight": [
+            {"persona": r.persona_id, "stage": r.stage, "age_s": round(now - r.created_at, 1), "replica": r.owner}
+            for r in running
+        ],
+        "outbox": await journal.batch_counts(),
+        "problem_batches": [
+            {"id": b.id, "state": b.state, "kind": b.kind, "attempts": b.attempts, "last_error": b.last_error}
+            for b in await journal.problem_batches()
+        ],
+        "today": {"day": today.isoformat(), **{str(k): int(n) for k, n in outcomes}},
+    }
+
+
+def render_status(state: dict[str, Any], console: Console) -> None:
+    """The fleet as terminal lines and tables (the caller has checked that some replica polls)."""
+    live = state["replicas"]
+    paused = all(r["result"] == "paused" for r in live)
+    console.print(f"fleet: {len(live)} replica(s) polling, {'PAUSED' if paused else 'running'}")
+    table = Table("replica", "last poll", "result", "due", "started", "error", title="Replicas", title_justify="left")
+    for r in live:
+        table.add_row(
+            r["replica"],
+            f"{r['polled_s_ago']:.0f} s ago",
+            r["result"],
+            _cell(r["due"]),
+            _cell(r["started"]),
+            (r["error"] or "")[:80],
+        )
+    console.print(table)
+    table = Table("persona", "stage", "age", "replica", title="Ticks in flight", title_justify="left")
+    for t in state["in_flight"]:
+        table.add_row(t["persona"], t["stage"] or "-", f"{t['age_s']:.0f} s", t["replica"] or "-")
+    console.print(table)
+    console.print("outbox: " + " ".join(f"{k}={v}" for k, v in state["outbox"].items()))
+    for b in state["problem_batches"]:
+        console.print(f"  batch {b['id']} {b['state']} {b['kind']} attempts={b['attempts']}: {b['last_error'] or ''}")
+    today = dict(state["today"])
+    day = today.pop("day")
+    console.print(f"today ({day}): " + (" ".join(f"{k}={v}" for k, v in sorted(today.items())) or "no ticks"))

@@ -44,6 +44,8 @@ ticks = sa.Table(
     # The replica running the tick and until when its lease holds (database clock, epoch seconds).
     sa.Column("owner", sa.String(128), info=_V2),
     sa.Column("lease_until", sa.Float, info=_V2),
+    # The last step the tick journaled (login, mcp, play, seal), for `python -m runner status`.
+    sa.Column("stage", sa.String(16), info=_V4),
     info=_V1,
 )
 # A claim is the insert of this row: the database, not a process, says who got the window.
@@ -194,6 +196,18 @@ catalogue = sa.Table(
     sa.Column("name", sa.String(255), primary_key=True),
     info=_V4,
 )
+# Each replica's last poll, so that `python -m runner status` sees every replica (and whether it is paused).
+polls = sa.Table(
+    "polls",
+    _meta,
+    sa.Column("replica", sa.String(128), primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("result", sa.String(16), nullable=False),  # ok | error | paused
+    sa.Column("due", sa.Integer),
+    sa.Column("started", sa.Integer),
+    sa.Column("error", sa.Text),
+    info=_V4,
+)
 # Each persona's last sealed tick, for the report's personas section (the ticks table is pruned).
 persona_last = sa.Table(
     "persona_last",
@@ -226,7 +240,7 @@ STEPS: tuple[str, ...] = (
     # Issue 13's step (the per-persona vault table); a placeholder here so that steps stay numbered
     # 1..N: the merge replaces this name and adds its table with since=3.
     "reserved for issue 13",
-    "report: daily rollup, findings, catalogue, each persona's last tick",
+    "report: daily rollup, findings, catalogue, last ticks, polls, tick stage",
 )
 SCHEMA_VERSION = len(STEPS)
 # Columns the unversioned releases added at open with ALTER TABLE; an old journal may lack them.

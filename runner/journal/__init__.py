@@ -6,6 +6,7 @@ One package, a module per concern, each a part of `Journal`:
   batches.py     the outbox's batches and their delivery state
   remembered.py  what is kept per persona across ticks: login blocks, personal spaces
   rollup.py      the report's read model (daily rollup, findings), written as each tick is sealed
+  polls.py       each replica's last poll, for `python -m runner status`
 
 SQLAlchemy Core keeps the SQL portable: SQLite (WAL, synchronous=FULL) is the default, and a
 PostgreSQL journal is shared by any number of replicas. Every decision that involves time
@@ -25,13 +26,14 @@ left running is abandoned.
 from __future__ import annotations
 
 from runner.journal.batches import ACTIONS_PER_BATCH, UNSENT, Batch, BatchState, BatchStatus, Outbox
+from runner.journal.polls import Polls
 from runner.journal.remembered import Remembered
 from runner.journal.rollup import ReadModel
 from runner.journal.store import JournalError, LeaseLost, replica_id
 from runner.journal.ticks import PRUNE_CHUNK, Claim, TickSummary, TickWrites
 
 
-class Journal(TickWrites, Outbox, Remembered, ReadModel):
+class Journal(TickWrites, Outbox, Remembered, ReadModel, Polls):
     """The whole journal: each concern is a part (a mixin over `Store`); open it with `Journal.open`."""
 
 

@@ -362,3 +362,5 @@ class ReadModel(Store):
                 return
             values = [{"day": str(window)[:10], "kind": kind, "name": name[:255]} for kind, name in sorted(rows)]
             await conn.execute(self._insert(catalogue).values(values).on_conflict_do_nothing())
+            # Served tools are listed right before the persona plays: its last journaled step.
+            await conn.execute(ticks.update().where(ticks.c.tick_id == tick_id).values(stage="play"))

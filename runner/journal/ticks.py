@@ -55,7 +55,8 @@ class TickWrites(Store):
         async with self._write() as conn:
             now = await self._now(conn)
             await self._supersede_retries(conn, persona_id, tick_id, now)
-            lease = {"owner": self.replica, "lease_until": now + self.lease_s, "updated_at": now}
+            # `stage` is the tick's last journaled step, for `python -m runner status`: a claim starts at login.
+            lease = {"owner": self.replica, "lease_until": now + self.lease_s, "updated_at": now, "stage": "login"}
             inserted = await conn.scalar(
                 self._insert(ticks)
                 .values(
@@ -128,6 +129,7 @@ class TickWrites(Store):
             # A retried tick may resolve again; the latest attempt's space is the one it played in.
             values = {"tick_id": tick_id, "persona_id": persona_id, "space_id": space_id, "via": via, "at": now}
             await self._upsert(conn, tick_spaces, values)
+            await conn.execute(ticks.update().where(ticks.c.tick_id == tick_id).values(stage="mcp"))
 
     async def tick_space(self, tick_id: str) -> tuple[str, str] | None:
         """(space id, via) of a tick, for reports and tests."""
@@ -183,6 +185,7 @@ class TickWrites(Store):
                 await conn.execute(
                     ratings.insert().values(tick_id=tick_id, module=row.module, rating=row.rating, notes=row.notes)
                 )
+            await conn.execute(ticks.update().where(ticks.c.tick_id == tick_id).values(stage="seal"))
 
     async def seal(self, tick_id: str, outcome: str, tick_row: ActionRow | None, stage: str | None = None) -> bool:
         """Freeze the tick's rows into batches; after this nothing about the tick changes.

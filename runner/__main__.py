@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -299,13 +299,20 @@ async def _tools(settings: Settings, email: str) -> int:
 
 
 async def _demo() -> int:
-    """The README's first command: a sandbox on loopback, one round for every persona, a table."""
+    """The README's first command: a sandbox on loopback, one round for every persona, a table.
+
+    On a terminal the round is a live view (personas done, the stage of each running tick), and a
+    one-screen report follows the table; its journal is kept so that `report` can show more. Off a
+    terminal (CI, a pipe) it logs the round as lines and prints the table alone.
+    """
     from runner.dispatch import run_once
     from runner.runtime import open_runtime, provider_factory
     from runner.sandbox import Sandbox, SandboxConfig
 
     use_claude = bool(os.environ.get("ANTHROPIC_API_KEY"))
+    interactive = sys.stdout.isatty()
     with tempfile.TemporaryDirectory(prefix="persona-demo-") as tmp:
+        kept = Path(tempfile.mkdtemp(prefix="persona-demo-journal-")) if interactive else Path(tmp)
         config = SandboxConfig(db_path=str(Path(tmp) / "sandbox.db"))
         async with Sandbox(config) as sandbox:
             settings = load_settings(
@@ -317,8 +324,10 @@ async def _demo() -> int:
                 llm_provider="anthropic" if use_claude else "scripted",
                 runner_env="development",
                 node_env=None,
-                runner_state_path=Path(tmp) / "runner.db",
+                runner_state_path=kept / "runner.db",
                 log_format="console",
+                # The live view is the progress on a terminal; only what goes wrong is logged over it.
+                log_level="warning" if interactive else "info",
                 mana_retry_base_s=0.2,
                 # The local sandbox, like a development Mana, does not limit sign-ins: no need to pace them.
                 mana_login_rate="100/1s",
@@ -327,32 +336,66 @@ async def _demo() -> int:
             for secret in settings.secrets():
                 log.register_secret(secret)
             print(f"sandbox up: auth {sandbox.auth_url}, api {sandbox.api_url}, mcp {sandbox.mcp_url}", file=sys.stderr)
-            await _weekday_clock(sandbox.api_url)
+            day = await _weekday_clock(sandbox.api_url)
             print(
                 f"provider: {'Claude (' + settings.anthropic_model + ')' if use_claude else 'scripted (offline)'}",
                 file=sys.stderr,
             )
             async with provider_factory(settings) as make, open_runtime(settings, make) as runtime:
-                report = await run_once(runtime)
-                summaries = await runtime.journal.summaries([t for _, t in report.ticks])
-            print(_table([(p.email, summaries.get(t)) for p, t in report.ticks]))
-            if report.backlog:
-                print(f"{report.backlog} batches were not delivered", file=sys.stderr)
+                round_ = asyncio.create_task(run_once(runtime))
+                if interactive:
+                    await _live(runtime.journal, round_, sandbox.api_url, day)
+                done = await round_
+                summaries = await runtime.journal.summaries([t for _, t in done.ticks])
+                print(_table([(p.email, summaries.get(t)) for p, t in done.ticks]))
+                if interactive:
+                    await _summary(runtime.journal, day, settings.runner_state_path)
+            if done.backlog:
+                print(f"{done.backlog} batches were not delivered", file=sys.stderr)
                 return 1
     return 0
 
 
-async def _weekday_clock(api_url: str) -> None:
-    """`weekdays` personas rest on weekends; the demo moves the sandbox's clock to Monday so all play."""
+async def _live(journal: Journal, round_: asyncio.Task[Any], api_url: str, day: date) -> None:
+    """Personas done out of the cast, and each running tick's stage, read from the journal as the round goes."""
+    import httpx
+    from rich.live import Live
+
+    from runner import report
+
+    async with httpx.AsyncClient() as http:
+        cast = [p for p in (await http.get(f"{api_url}/__sandbox/personas")).json() if not p["deleted"]]
+    emails = {p["userId"]: p["email"] for p in cast}
+    with Live(console=_console(), refresh_per_second=8, transient=True) as live:
+        while not round_.done():
+            live.update(report.progress(await report.status(journal, day), len(cast), emails))
+            await asyncio.wait({round_}, timeout=0.25)
+
+
+async def _summary(journal: Journal, day: date, path: Path) -> None:
+    """One screen of what the round found, and the command that shows all of it."""
+    from runner import report
+
+    found = await report.build(journal, report.period_of(1, day), report.Thresholds())
+    report.summary(found, _console())
+    print(f"see more: RUNNER_STATE_PATH={path} python -m runner report --html report.html")
+
+
+async def _weekday_clock(api_url: str) -> date:
+    """`weekdays` personas rest on weekends; the demo moves the sandbox's clock to Monday so all play.
+
+    Returns the day the personas play (their ticks' window).
+    """
     import httpx
 
     now = datetime.now(UTC)
     if now.weekday() < 5:
-        return
+        return now.date()
     monday = now + timedelta(days=7 - now.weekday())
     async with httpx.AsyncClient() as http:
         (await http.post(f"{api_url}/__sandbox/clock", json={"now": monday.isoformat()})).raise_for_status()
     print(f"weekend: the sandbox's clock is set to {monday.date()} so weekday personas play too", file=sys.stderr)
+    return monday.date()
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:

@@ -17,7 +17,7 @@ from datetime import date, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -549,3 +549,31 @@ def render_status(state: dict[str, Any], console: Console) -> None:
     today = dict(state["today"])
     day = today.pop("day")
     console.print(f"today ({day}): " + (" ".join(f"{k}={v}" for k, v in sorted(today.items())) or "no ticks"))
+
+
+def progress(state: dict[str, Any], total: int, emails: dict[str, str]) -> Group:
+    """The demo's live view: personas done out of the cast, and the stage of each running tick."""
+    counts = dict(state["today"])
+    counts.pop("day")
+    done = sum(n for outcome, n in counts.items() if outcome not in ("running", "retry"))
+    table = Table("persona", "stage", "for", box=None)
+    for t in state["in_flight"]:
+        table.add_row(emails.get(t["persona"], t["persona"]), t["stage"] or "-", f"{t['age_s']:.0f} s")
+    return Group(f"[bold]{done}[/bold] of {total} personas done, {len(state['in_flight'])} running", table)
+
+
+def summary(report: dict[str, Any], console: Console) -> None:
+    """One screen: the findings, each module's rating and errors, coverage."""
+    findings = report["findings"]
+    console.print(f"\n[bold]{len(findings)} finding(s)[/bold] on {report['period']['until']}:")
+    for f in findings[:5]:
+        console.print(f"  {f['id']} {f['tool']} ({f['cause_class']}, {f['calls']} calls): {f['cause'][:90]}")
+    if len(findings) > 5:
+        console.print(f"  ... and {len(findings) - 5} more")
+    rated = [m for m in report["modules"] if m["rating_n"]]
+    console.print(
+        "modules: "
+        + ", ".join(f"{m['module']} {_cell(m['rating_mean'])} ({m['errors']}/{m['calls']} failed)" for m in rated)
+    )
+    cov = report["coverage"]
+    console.print(f"coverage: {cov['exercised']} of {cov['served']} served tools exercised")

@@ -153,14 +153,18 @@ class SealedTick:
         return self.window[:10]
 
 
-async def _add(conn: AsyncConnection, table: sa.Table, rows: Iterable[dict[str, Any]], counters: Sequence[str]) -> None:
-    """Insert each row, or add its counters to the row already there."""
+async def _add(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]], counters: Sequence[str]) -> None:
+    """Insert the rows, or add their counters to the rows already there: one statement for them all.
+
+    The rows of one call have distinct keys (PostgreSQL refuses to update one row twice in a statement).
+    """
+    if not rows:
+        return
     keys = [c.name for c in table.primary_key.columns]
-    for row in rows:
-        stmt = insert(conn.dialect.name, table).values(**row)
-        await conn.execute(
-            stmt.on_conflict_do_update(index_elements=keys, set_={c: table.c[c] + stmt.excluded[c] for c in counters})
-        )
+    stmt = insert(conn.dialect.name, table).values(rows)
+    await conn.execute(
+        stmt.on_conflict_do_update(index_elements=keys, set_={c: table.c[c] + stmt.excluded[c] for c in counters})
+    )
 
 
 _ROLLUP_COUNTERS = tuple(c.name for c in rollup.columns if not c.primary_key)

@@ -37,6 +37,7 @@ from runner import report  # noqa: E402
 from runner.journal import Journal  # noqa: E402
 from runner.journal.rollup import SealedCall, SealedTick, record_sealed  # noqa: E402
 from runner.sandbox.mana_tools import load_tools  # noqa: E402
+from runner.settings import load_settings  # noqa: E402
 from tests.pg import start_postgres  # noqa: E402
 
 # Ticks per seeding transaction: few commits, short enough transactions.
@@ -107,7 +108,9 @@ async def _build(where: Path | str, days: int) -> tuple[float, dict[str, Any]]:
     journal = await Journal.open(where, read_only=True)
     try:
         started = time.perf_counter()
-        found = await report.build(journal, report.period_of(days, datetime.now(UTC).date()), report.Thresholds())
+        found = await report.build(
+            journal, report.period_of(days, datetime.now(UTC).date()), report.Thresholds.of(load_settings())
+        )
         return time.perf_counter() - started, found
     finally:
         await journal.close()

@@ -197,13 +197,7 @@ async def _report(settings: Settings, since: str, *, as_json: bool, html: str | 
         period = report.period_of(report.parse_since(since), datetime.now(UTC).date())
     except ValueError as exc:
         raise _Usage(str(exc)) from None
-    thresholds = report.Thresholds(
-        settings.report_recent_days,
-        settings.report_prior_days,
-        settings.report_regression_drop,
-        settings.report_min_ratings,
-        settings.report_gone_after,
-    )
+    thresholds = report.Thresholds.of(settings)
     journal = await Journal.open(settings.journal_location, read_only=True)
     try:
         found = await report.build(journal, period, thresholds)
@@ -349,7 +343,7 @@ async def _demo() -> int:
                 summaries = await runtime.journal.summaries([t for _, t in done.ticks])
                 print(_table([(p.email, summaries.get(t)) for p, t in done.ticks]))
                 if interactive:
-                    await _summary(runtime.journal, day, settings.runner_state_path)
+                    await _summary(runtime.journal, day, settings)
             if done.backlog:
                 print(f"{done.backlog} batches were not delivered", file=sys.stderr)
                 return 1
@@ -372,13 +366,13 @@ async def _live(journal: Journal, round_: asyncio.Task[Any], api_url: str, day: 
             await asyncio.wait({round_}, timeout=0.25)
 
 
-async def _summary(journal: Journal, day: date, path: Path) -> None:
+async def _summary(journal: Journal, day: date, settings: Settings) -> None:
     """One screen of what the round found, and the command that shows all of it."""
     from runner import report
 
-    found = await report.build(journal, report.period_of(1, day), report.Thresholds())
+    found = await report.build(journal, report.period_of(1, day), report.Thresholds.of(settings))
     report.summary(found, _console())
-    print(f"see more: RUNNER_STATE_PATH={path} python -m runner report --html report.html")
+    print(f"see more: RUNNER_STATE_PATH={settings.runner_state_path} python -m runner report --html report.html")
 
 
 async def _weekday_clock(api_url: str) -> date:

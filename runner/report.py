@@ -36,6 +36,7 @@ from runner.schema import (
     rollup,
     ticks,
 )
+from runner.settings import Settings
 
 # Modules that are the runner's own bookkeeping (the tick itself, an unreadable rating), not Mana's.
 _INTERNAL = "__"
@@ -44,13 +45,23 @@ NOTES_QUOTED = 10
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    """The report's settings (REPORT_* in runner/settings.py)."""
+    """The report's settings (REPORT_* in runner/settings.py, where their defaults live)."""
 
-    recent_days: int = 7
-    prior_days: int = 21
-    regression_drop: float = 0.5
-    min_ratings: int = 5
-    gone_after: int = 5
+    recent_days: int
+    prior_days: int
+    regression_drop: float
+    min_ratings: int
+    gone_after: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Thresholds:
+        return cls(
+            settings.report_recent_days,
+            settings.report_prior_days,
+            settings.report_regression_drop,
+            settings.report_min_ratings,
+            settings.report_gone_after,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,23 +382,16 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _titled(title: str, *columns: str) -> Table:
+    return Table(*columns, title=title, title_justify="left")
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """The report as terminal tables."""
     period = report["period"]
     console.print(f"[bold]What the personas found[/bold], {period['since']} to {period['until']}")
-    table = Table(
-        "id",
-        "status",
-        "tool or stage",
-        "class",
-        "cause",
-        "calls",
-        "ticks",
-        "personas",
-        "first",
-        "last",
-        title="Findings",
-        title_justify="left",
+    table = _titled(
+        "Findings", "id", "status", "tool or stage", "class", "cause", "calls", "ticks", "personas", "first", "last"
     )
     for f in report["findings"]:
         table.add_row(
@@ -399,19 +403,8 @@ def render(report: dict[str, Any], console: Console) -> None:
             *(_cell(f[k]) for k in ("calls", "ticks", "personas", "first_seen", "last_seen")),
         )
     console.print(table)
-    table = Table(
-        "module",
-        "ticks",
-        "calls",
-        "error rate",
-        "rating",
-        "n",
-        "recent",
-        "prior",
-        "delta",
-        "regression",
-        title="Modules",
-        title_justify="left",
+    table = _titled(
+        "Modules", "module", "ticks", "calls", "error rate", "rating", "n", "recent", "prior", "delta", "regression"
     )
     for m in report["modules"]:
         t = m["trend"]
@@ -433,9 +426,7 @@ def render(report: dict[str, Any], console: Console) -> None:
             "[red]yes[/red]" if t["regression"] else "no",
         )
     console.print(table)
-    table = Table(
-        "tool", "calls", "errors", "error rate", "p50 ms", "p95 ms", "last error", title="Tools", title_justify="left"
-    )
+    table = _titled("Tools", "tool", "calls", "errors", "error rate", "p50 ms", "p95 ms", "last error")
     for t in report["tools"]:
         table.add_row(
             t["tool"],
@@ -450,21 +441,11 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"asked for without a tool: {', '.join(cov['demand_without_tool']) or 'none'}"
     )
     if report["notes"]:
-        table = Table("rating", "module", "day", "note", title="Lowest-rated notes", title_justify="left")
+        table = _titled("Lowest-rated notes", "rating", "module", "day", "note")
         for n in report["notes"]:
             table.add_row(str(n["rating"]), n["module"], n["day"], n["notes"])
         console.print(table)
-    table = Table(
-        "persona",
-        "ticks",
-        "last window",
-        "outcome",
-        "calls",
-        "modules",
-        "space",
-        title="Personas",
-        title_justify="left",
-    )
+    table = _titled("Personas", "persona", "ticks", "last window", "outcome", "calls", "modules", "space")
     for p in report["personas"]:
         last = p["last_tick"]
         table.add_row(
@@ -528,7 +509,7 @@ def render_status(state: dict[str, Any], console: Console) -> None:
     live = state["replicas"]
     paused = all(r["result"] == "paused" for r in live)
     console.print(f"fleet: {len(live)} replica(s) polling, {'PAUSED' if paused else 'running'}")
-    table = Table("replica", "last poll", "result", "due", "started", "error", title="Replicas", title_justify="left")
+    table = _titled("Replicas", "replica", "last poll", "result", "due", "started", "error")
     for r in live:
         table.add_row(
             r["replica"],
@@ -539,7 +520,7 @@ def render_status(state: dict[str, Any], console: Console) -> None:
             (r["error"] or "")[:80],
         )
     console.print(table)
-    table = Table("persona", "stage", "age", "replica", title="Ticks in flight", title_justify="left")
+    table = _titled("Ticks in flight", "persona", "stage", "age", "replica")
     for t in state["in_flight"]:
         table.add_row(t["persona"], t["stage"] or "-", f"{t['age_s']:.0f} s", t["replica"] or "-")
     console.print(table)

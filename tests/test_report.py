@@ -233,7 +233,7 @@ async def _play(journal: Journal, order: list[int]) -> None:
 
 
 async def _ids(journal: Journal) -> dict[str, tuple[str, int, int]]:
-    found = await report.build(journal, report.Period(date(2026, 11, 1), date(2026, 11, 30)), report.Thresholds())
+    found = await report.build(journal, report.Period(date(2026, 11, 1), date(2026, 11, 30)), THRESHOLDS)
     return {f["id"]: (f["tool"], f["calls"], f["personas"]) for f in found["findings"]}
 
 

@@ -169,6 +169,12 @@ async def test_report_totals_equal_what_the_sandbox_recorded(run: Run) -> None:
     assert {t["tool"]: t["errors"] for t in found["tools"]} == {t: errors.get(t, 0) for t in per_tool}
     rated = Counter(f["module"] for f in run.feedback)
     assert {m["module"]: m["rating_n"] for m in found["modules"] if m["rating_n"]} == dict(rated)
+    sums = Counter({module: 0.0 for module in rated})
+    for f in run.feedback:
+        sums[f["module"]] += f["rating"]
+    assert {m["module"]: m["rating_mean"] for m in found["modules"] if m["rating_n"]} == {
+        module: round(sums[module] / n, 3) for module, n in rated.items()
+    }
     ticks = {m["module"]: m["ticks"] for m in found["modules"]}
     assert ticks["journal"] <= DAYS * PERSONAS and ticks["mood"] <= DAYS * PERSONAS
     assert sum(p["ticks"] for p in found["personas"]) == DAYS * PERSONAS

@@ -231,7 +231,8 @@ def _rollup_rows(tick: SealedTick, classes: dict[tuple[str, str], str]) -> list[
             r["calls"] += 1
             r["errors"] += 1
             r[f"err_{classes[(tool, error)]}"] += 1
-    return list(rows.values())
+    # Sorted: two seals of one persona's day (hourly ticks on two replicas) lock its rows in one order.
+    return [rows[key] for key in sorted(rows)]
 
 
 def _seen(tick: SealedTick) -> dict[str, _Seen]:

@@ -152,6 +152,9 @@ rollup = sa.Table(
     sa.Column("rating_sum", sa.Integer, nullable=False),
     sa.Column("rating_n", sa.Integer, nullable=False),
     info=_V4,
+    # Stored in its key's order (day first) on SQLite: no second copy of the key in an index, and a
+    # period is one range of the table.
+    sqlite_with_rowid=False,
 )
 # One distinct problem: a tool (or a tick stage) and a normalised cause; `id` is a hash of both, so
 # the same problem has the same id on every replica and after every prune.
@@ -184,6 +187,7 @@ finding_days = sa.Table(
     sa.Column("calls", sa.Integer, nullable=False),
     sa.Column("ticks", sa.Integer, nullable=False),
     info=_V4,
+    sqlite_with_rowid=False,
 )
 sa.Index("ix_finding_days_day", finding_days.c.day, info=_V4)
 # What a day offered and asked for: the tools mana-mcp served (`served`) and the modules the
@@ -260,7 +264,7 @@ def _since(item: sa.Table | sa.Column[Any] | sa.Index) -> int:
 def _create_table(conn: sa.Connection, table: sa.Table, version: int) -> None:
     """CREATE TABLE with only the columns that existed at `version`; later steps add the rest."""
     columns = [c._copy() for c in table.columns if _since(c) <= version]
-    conn.execute(sa.schema.CreateTable(sa.Table(table.name, sa.MetaData(), *columns)))
+    conn.execute(sa.schema.CreateTable(sa.Table(table.name, sa.MetaData(), *columns, **table.dialect_kwargs)))
 
 
 def _add_column(conn: sa.Connection, table: sa.Table, column: sa.Column[Any]) -> None:

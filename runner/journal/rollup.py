@@ -177,106 +177,103 @@ def _zero_rollup(tick: SealedTick, module: str, tool: str) -> dict[str, Any]:
     return row
 
 
-@dataclass(slots=True)
-class _Seen:
-    """One finding as this tick saw it."""
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """One failure of the tick with its finding: a failed call (`index` is its place), or the tick's own."""
 
     tool: str
-    cause: str
-    cause_class: str
     error: str
     input_hash: str | None
-    calls: int = 0
-    ok_after: int = 0  # the tool's successes after its last failure of this kind in the tick
+    index: int | None
+    id: str
+    cause: str
+    cause_class: str
 
 
-def _errors(tick: SealedTick) -> list[tuple[str, str, str | None]]:
-    """(tool or stage, error, input hash) of every failure of the tick, in the order they happened."""
-    failed: list[tuple[str, str, str | None]] = [
-        (c.tool, c.error or "error", c.input_hash) for c in tick.calls if not c.ok
+def _failures(tick: SealedTick) -> list[_Failure]:
+    """Every failure of the tick, in the order it happened, each keyed once (`finding_key`)."""
+    failed: list[tuple[str, str, str | None, int | None]] = [
+        (c.tool, c.error or "error", c.input_hash, i) for i, c in enumerate(tick.calls) if not c.ok
     ]
     if tick.parse_failure is not None:
-        failed.append((PARSE_MODULE, tick.parse_failure, None))
+        failed.append((PARSE_MODULE, tick.parse_failure, None, None))
     if tick.tick_error is not None:
-        failed.append((STAGE_PREFIX + tick.stage, tick.tick_error, None))
-    return failed
+        failed.append((STAGE_PREFIX + tick.stage, tick.tick_error, None, None))
+    return [_Failure(tool, error, digest, i, *finding_key(tool, error)) for tool, error, digest, i in failed]
 
 
-def _rollup_rows(tick: SealedTick, classes: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
+def _rollup_rows(tick: SealedTick, failures: list[_Failure]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
 
     def row(module: str, tool: str) -> dict[str, Any]:
         return rows.setdefault((module, tool), _zero_rollup(tick, module, tool))
 
-    tick_row = row(TICK_ROW, "")
-    tick_row["errors"] = int(tick.outcome != "ok")
+    row(TICK_ROW, "")["errors"] = int(tick.outcome != "ok")
     for call in tick.calls:
-        module = module_of(call.tool)
-        row(module, "")
-        r = row(module, call.tool)
+        row(module_of(call.tool), "")
+        r = row(module_of(call.tool), call.tool)
         r["calls"] += 1
-        if not call.ok:
-            r["errors"] += 1
-            r[f"err_{classes[(call.tool, call.error or 'error')]}"] += 1
         if call.latency_ms is not None:
             r[f"lat_{latency_bucket(call.latency_ms):02d}"] += 1
     for module, rating in tick.ratings:
         r = row(module, "")
         r["rating_sum"] += rating
         r["rating_n"] += 1
-    for tool, error in ((PARSE_MODULE, tick.parse_failure), (STAGE_PREFIX + tick.stage, tick.tick_error)):
-        if error is not None:
-            module = PARSE_MODULE if tool == PARSE_MODULE else TICK_ROW
-            r = row(module, tool)
+    for failure in failures:
+        if failure.index is None:  # the tick's own failure, or an unreadable rating: a row of its own
+            r = row(PARSE_MODULE if failure.tool == PARSE_MODULE else TICK_ROW, failure.tool)
             r["calls"] += 1
-            r["errors"] += 1
-            r[f"err_{classes[(tool, error)]}"] += 1
+        else:
+            r = row(module_of(failure.tool), failure.tool)
+        r["errors"] += 1
+        r[f"err_{failure.cause_class}"] += 1
     # Sorted: two seals of one persona's day (hourly ticks on two replicas) lock its rows in one order.
     return [rows[key] for key in sorted(rows)]
 
 
-def _seen(tick: SealedTick) -> dict[str, _Seen]:
-    seen: dict[str, _Seen] = {}
-    for tool, error, digest in _errors(tick):
-        fid, cause, klass = finding_key(tool, error)
-        entry = seen.setdefault(fid, _Seen(tool, cause, klass, error, digest))
-        entry.calls += 1
-    return seen
+@dataclass(slots=True)
+class _Seen:
+    """One finding as this tick saw it."""
+
+    first: _Failure  # the example
+    last: _Failure
+    calls: int = 0
+    ok_after: int = 0  # the tool's successes after the finding's last failure in the tick
 
 
-def _successes(tick: SealedTick, seen: dict[str, _Seen]) -> Counter[str]:
-    """Per tool (or stage, or `__parse`): the successes that count toward `gone`.
+def _seen(tick: SealedTick, failures: list[_Failure]) -> tuple[dict[str, _Seen], Counter[str]]:
+    """The findings this tick saw, and per tool (or stage, or `__parse`) the successes toward `gone`.
 
-    For a finding seen in this tick only the successes after its last failure count; they are
-    kept on its `_Seen` entry, and the Counter holds what applies to findings not seen here.
+    A finding seen in this tick counts only the successes after its last failure (`ok_after`);
+    the Counter applies to the findings not seen here.
     """
-    ok: Counter[str] = Counter()
+    seen: dict[str, _Seen] = {}
     last_failure: dict[str, int] = {}
-    for index, call in enumerate(tick.calls):
-        if not call.ok:
-            last_failure[finding_key(call.tool, call.error or "error")[0]] = index
+    for failure in failures:
+        entry = seen.setdefault(failure.id, _Seen(failure, failure))
+        entry.calls += 1
+        entry.last = failure
+        if failure.index is not None:
+            last_failure[failure.id] = failure.index
+    ok: Counter[str] = Counter()
     for index, call in enumerate(tick.calls):
         if call.ok:
             ok[call.tool] += 1
             for fid, at in last_failure.items():
-                if seen[fid].tool == call.tool and index > at:
+                if seen[fid].first.tool == call.tool and index > at:
                     seen[fid].ok_after += 1
     if tick.ratings and tick.parse_failure is None:
         ok[PARSE_MODULE] += 1
     if tick.outcome == "ok":
         ok[STAGE_PREFIX] += 1  # an ok tick passed every stage
-    return ok
+    return seen, ok
 
 
 async def record_sealed(conn: AsyncConnection, tick: SealedTick) -> None:
     """Add one sealed tick to the rollup, the findings and its persona's last tick (in the seal's transaction)."""
-    seen = _seen(tick)
-    classes = {(s.tool, s.error): s.cause_class for s in seen.values()}
-    # Every failure of the tick has its class, including repeats of one finding with other texts.
-    for tool, error, _ in _errors(tick):
-        classes.setdefault((tool, error), cause_class(tool, error))
-    await _add(conn, rollup, _rollup_rows(tick, classes), _ROLLUP_COUNTERS)
-    ok = _successes(tick, seen)
+    failures = _failures(tick)
+    await _add(conn, rollup, _rollup_rows(tick, failures), _ROLLUP_COUNTERS)
+    seen, ok = _seen(tick, failures)
     await _record_findings(conn, tick, seen, ok)
     modules = sorted({module_of(c.tool) for c in tick.calls})
     values = {
@@ -316,20 +313,21 @@ async def _record_findings(conn: AsyncConnection, tick: SealedTick, seen: dict[s
                 findings.update().where(findings.c.id == fid).values(ok_since=findings.c.ok_since + successes[fid])
             )
             continue
+        first = entry.first
         stmt = insert(conn.dialect.name, findings).values(
             id=fid,
-            tool=entry.tool,
-            cause_class=entry.cause_class,
-            cause=entry.cause,
+            tool=first.tool,
+            cause_class=first.cause_class,
+            cause=first.cause,
             first_day=tick.day,
             last_day=tick.day,
             last_at=tick.now,
             calls=entry.calls,
             ticks=1,
             ok_since=entry.ok_after,
-            example_error=entry.error[:2000],
-            example_input_hash=entry.input_hash,
-            last_error=entry.error[:2000],
+            example_error=first.error[:2000],
+            example_input_hash=first.input_hash,
+            last_error=entry.last.error[:2000],
         )
         new = stmt.excluded
         await conn.execute(

@@ -372,3 +372,23 @@ def _distinct_pixels(png: Path) -> int:
             idat += data[at + 8 : at + 8 + length]
         at += 12 + length
     return len(set(zlib.decompress(idat)))
+
+
+async def test_a_tick_sealed_by_recovery_reaches_the_rollup_and_the_findings(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    dead = await Journal.open(path)
+    assert await dead.claim("p1", "2026-11-20", "t1") is not None
+    await dead.begin_call("t1", 0, "todo.list", "00000000000000aa")  # pending when the process dies
+    await dead.close()
+    alive = await Journal.open(path)
+    try:
+        assert await alive.recover() == ["t1"]
+        found = await report.build(alive, report.Period(date(2026, 11, 20), date(2026, 11, 20)), THRESHOLDS)
+    finally:
+        await alive.close()
+    by_tool = {f["tool"]: f for f in found["findings"]}
+    assert set(by_tool) == {"todo.list", "__tick:interrupted"}
+    assert by_tool["todo.list"]["cause"] == "outcome unknown: runner stopped during the call"
+    assert {f["cause_class"] for f in by_tool.values()} == {"transport"}
+    assert [(t["tool"], t["calls"], t["errors"]) for t in found["tools"]] == [("todo.list", 1, 1)]
+    assert found["personas"][0]["last_tick"]["outcome"] == "interrupted"

@@ -29,6 +29,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -104,6 +106,18 @@ async def _seed(where: Path | str, ticks: list[SealedTick]) -> float:
     return time.perf_counter() - started
 
 
+async def _size_mb(where: Path | str) -> float:
+    """The journal's size on disk: the read model only, as no raw tick was written."""
+    if isinstance(where, Path):
+        return where.stat().st_size / 2**20
+    journal = await Journal.open(where, read_only=True)
+    try:
+        async with journal.reading() as conn:
+            return float(await conn.scalar(sa.text("SELECT pg_database_size(current_database())")) or 0) / 2**20
+    finally:
+        await journal.close()
+
+
 async def _build(where: Path | str, days: int) -> tuple[float, dict[str, Any]]:
     journal = await Journal.open(where, read_only=True)
     try:
@@ -143,6 +157,7 @@ def _measure(kind: str, where: Path | str, ticks: list[SealedTick], days: int) -
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNNER_", "REPORT_"))}
     env.update(RUNNER_STATE_URL=where) if isinstance(where, str) else env.update(RUNNER_STATE_PATH=str(where))
     wall, peak_mb, printed = _command(env, days)
+    size_mb = asyncio.run(_size_mb(where))
     calls = sum(len(t.calls) for t in ticks)
     checks = {
         "calls_add_up": sum(t["calls"] for t in printed["tools"]) == calls,
@@ -159,6 +174,7 @@ def _measure(kind: str, where: Path | str, ticks: list[SealedTick], days: int) -
         "build_s": round(build_s, 3),
         "command_s": round(wall, 3),
         "command_peak_rss_mb": round(peak_mb, 1),
+        "journal_mb": round(size_mb, 1),
         "checks": checks,
         "ok": all(checks.values()),
     }

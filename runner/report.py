@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -306,6 +306,7 @@ async def _personas(conn: AsyncConnection, period: Period) -> list[dict[str, Any
             "ticks": int(r.period_ticks),
             "last_tick": {
                 "window": r.window,
+                "sealed_at": datetime.fromtimestamp(r.sealed_at, UTC).isoformat(timespec="seconds"),
                 "outcome": r.outcome,
                 "calls": r.calls,
                 "modules": [m for m in r.modules.split(",") if m],

@@ -15,6 +15,9 @@ RUN pip install --no-cache-dir -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY runner ./runner
 RUN pip install --no-cache-dir --no-deps .
+# The dated price table stays data beside the code (the installed package does not carry config/).
+COPY config/model-prices.json ./config/
+ENV MODEL_PRICES_FILE=/app/config/model-prices.json
 
 RUN useradd --system --uid 10001 --home-dir /app runner \
     && mkdir -p /data && chown runner /data

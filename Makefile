@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# Prometheus's own rule checker for deploy/ (tests/test_deploy.py); not on PyPI.
+PROMTOOL := $(VENV)/promtool/promtool
 
 .PHONY: demo test serve lock clean
 
@@ -13,6 +15,14 @@ $(VENV)/.installed: requirements.lock requirements-test.lock pyproject.toml
 	$(PY) -m pip install --quiet -r requirements-test.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# promtool from Debian's prometheus package, unpacked here without installing the service; once.
+$(PROMTOOL):
+	rm -rf $(VENV)/promtool && mkdir -p $(VENV)/promtool/deb
+	cd $(VENV)/promtool/deb && { apt-get download prometheus || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb --fsys-tarfile $(VENV)/promtool/deb/prometheus_*.deb | tar -x -C $(VENV)/promtool/deb ./usr/bin/promtool
+	mv $(VENV)/promtool/deb/usr/bin/promtool $@ && rm -rf $(VENV)/promtool/deb
+	$@ --version >/dev/null
 
 demo: $(VENV)/.installed
 	$(PY) -m runner demo
@@ -26,7 +36,7 @@ $(CHROMIUM):
 
 # Two workers, a test file each at a time (module fixtures stay shared within a file): the suite
 # mostly waits on subprocesses and loopback HTTP, so two cores take it in about half the time.
-test: $(VENV)/.installed $(CHROMIUM)
+test: $(VENV)/.installed $(PROMTOOL) $(CHROMIUM)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 serve: $(VENV)/.installed

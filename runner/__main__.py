@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from runner.journal import Journal
-    from runner.mana.auth import AuthClient
-    from runner.tick import TickConfig
+    from runner.tick import TickDeps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,37 +244,40 @@ async def _status(settings: Settings) -> int:
 
 
 @asynccontextmanager
-async def _as_persona(settings: Settings) -> AsyncIterator[tuple[TickConfig, AuthClient, Journal]]:
+async def _as_persona(settings: Settings) -> AsyncIterator[TickDeps]:
     """What the persona commands need: the tick's rules, mana-auth, and the journal's login blocks.
 
     The journal is opened without owning it (it may belong to a running daemon): these
     commands only read the login blocks and record a refused password, so a persona refused
     before is never tried again (Mana's lockout).
     """
-    import httpx
-
     from runner.journal import Journal
-    from runner.mana.auth import AuthClient, LoginLimiter
     from runner.mana.errors import RetryPolicy
-    from runner.runtime import tick_config
+    from runner.mana.http import shared_client
+    from runner.runtime import auth_client, tick_config
+    from runner.tick import TickDeps
 
     journal = await Journal.open(settings.journal_location, own=False)
     try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            policy = RetryPolicy(attempts=settings.mana_retry_attempts)
-            auth = AuthClient(http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
-            yield tick_config(settings), auth, journal
+        async with shared_client() as http:
+            auth = auth_client(settings, http, RetryPolicy(attempts=settings.mana_retry_attempts))
+            yield TickDeps(tick_config(settings), auth, journal, _no_player)
     finally:
         await journal.close()
+
+
+def _no_player(persona: Any, tick_id: str) -> Any:
+    raise RuntimeError("the persona commands play no day")
 
 
 async def _login(settings: Settings, email: str) -> int:
     from runner.tick import sign_in
 
-    async with _as_persona(settings) as (config, auth, journal):
-        login, space = await sign_in(config, auth, journal, email)
+    async with _as_persona(settings) as deps:
+        session = await sign_in(deps, email)
     # How the space was found tells the operator whether the space list takes Bearer on this Mana.
-    print(f"ok: {email} is user {login.user_id}, personal space {space.id} (space list via {space.via})")
+    space = session.space
+    print(f"ok: {email} is user {session.user_id}, personal space {space.id} (space list via {space.via})")
     return 0
 
 
@@ -283,8 +285,8 @@ async def _tools(settings: Settings, email: str) -> int:
     """Log in as EMAIL (unless its password was refused before), open MCP, print each tool's decision."""
     from runner.tick import served_tools
 
-    async with _as_persona(settings) as (config, auth, journal):
-        decisions = await served_tools(config, auth, journal, email)
+    async with _as_persona(settings) as deps:
+        decisions = await served_tools(deps, email)
     offered = sum(1 for d in decisions if d.offered)
     rows = [(d.name, "offered" if d.offered else "withheld", d.rule, d.reason.split(": ", 1)[-1]) for d in decisions]
     print(_render(("tool", "decision", "rule", "reason"), rows))

@@ -148,7 +148,7 @@ class Dispatcher:
                     return  # done in this window, or waiting for its retry time
                 if self.claimed is not None:
                     self.claimed.append((persona, claim.tick_id))
-                await run_tick(self._rt.tick_deps, persona, claim)
+                await run_tick(self._rt.tick_deps, persona, claim, window)
             except Exception as exc:  # noqa: BLE001 - e.g. the journal's disk is full; keep the others going
                 metrics.ERRORS.labels(stage="tick").inc()
                 log.exception("tick crashed", persona=persona.email, error=str(exc))

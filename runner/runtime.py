@@ -8,13 +8,16 @@ from dataclasses import dataclass
 
 import httpx
 
+from runner import tracing
 from runner.agent.providers.scripted import ScriptedProvider
 from runner.journal import Journal
 from runner.log import register_secret
 from runner.mana.auth import AuthClient, LoginLimiter
 from runner.mana.errors import RetryPolicy
+from runner.mana.http import shared_client
 from runner.mana.personas_api import DueLimits, PersonasApi
 from runner.outbox import Outbox, OutboxPolicy
+from runner.session import SessionConfig
 from runner.settings import Settings
 from runner.tick import ProviderFactory, TickConfig, TickDeps
 
@@ -39,17 +42,26 @@ async def provider_factory(settings: Settings) -> AsyncIterator[ProviderFactory]
     # the tests that bring their own provider and every command but serve/once/demo never use them.
     from anthropic import AsyncAnthropic
 
-    from runner.agent.providers.anthropic import AnthropicProvider
+    from runner.agent.providers.anthropic import AnthropicProvider, Warmup
 
+    price = settings.model_price
     client = AsyncAnthropic(
         api_key=settings.anthropic_api_key.get_secret_value() or None,
         base_url=settings.anthropic_base_url,
         max_retries=settings.anthropic_max_retries,
         timeout=120.0,
     )
+    # One for the process: every tick's first request learns whether the shared tool prefix is cached.
+    warmup = Warmup()
     try:
+        # Each tick's model calls carry its id as the conversation id of their spans (when traced).
         yield lambda p, tid: AnthropicProvider(
-            client, settings.anthropic_model, settings.llm_max_tokens, settings.persona_language
+            client.with_options(open_telemetry={"conversation_id": tid}),
+            settings.anthropic_model,
+            settings.llm_max_tokens,
+            settings.persona_language,
+            price,
+            warmup,
         )
     finally:
         await client.close()
@@ -61,16 +73,12 @@ async def open_runtime(settings: Settings, make_provider: ProviderFactory) -> As
     # Whoever builds a runtime gets redaction of its secrets in everything it logs, stores or serves.
     for secret in settings.secrets():
         register_secret(secret)
+    tracing.configure(settings.otel_exporter_otlp_endpoint, settings.otel_service_name)
     journal = await Journal.open(settings.journal_location, lease_s=settings.runner_lease_s)
     policy = RetryPolicy(attempts=settings.mana_retry_attempts, base_s=settings.mana_retry_base_s)
-    timeout = httpx.Timeout(30.0, connect=10.0)
     try:
-        async with (
-            httpx.AsyncClient(timeout=timeout) as auth_http,
-            httpx.AsyncClient(timeout=timeout) as api_http,
-        ):
-            # One limiter for every sign-in of the process: Mana counts them per client IP.
-            auth = AuthClient(auth_http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate))
+        async with shared_client() as auth_http, shared_client() as api_http:
+            auth = auth_client(settings, auth_http, policy)
             api = PersonasApi(
                 api_http,
                 settings.mana_api_url,
@@ -89,12 +97,24 @@ async def open_runtime(settings: Settings, make_provider: ProviderFactory) -> As
             yield Runtime(settings, journal, api, Outbox(journal, api, outbox_policy), deps)
     finally:
         await journal.close()
+        tracing.shutdown()
+
+
+def auth_client(settings: Settings, http: httpx.AsyncClient, policy: RetryPolicy) -> AuthClient:
+    """mana-auth for every persona of the process: one limiter for every sign-in, as Mana counts them per client IP."""
+    return AuthClient(
+        http, settings.mana_auth_url, policy, LoginLimiter(*settings.login_rate), origin=settings.mana_auth_origin
+    )
 
 
 def tick_config(settings: Settings) -> TickConfig:
     """What a tick needs from the settings; the daemon and the persona commands build it alike."""
     return TickConfig(
-        seed_secret=settings.persona_seed_secret.get_secret_value(),
+        session=SessionConfig(
+            seed_secret=settings.persona_seed_secret.get_secret_value(),
+            space_recheck_s=settings.mana_space_recheck_h * 3600,
+            vault_init=settings.persona_vault_init,
+        ),
         mcp_url=settings.mana_mcp_url,
         max_turns=settings.persona_max_turns,
         timeout_s=settings.persona_tick_timeout_s,
@@ -102,5 +122,4 @@ def tick_config(settings: Settings) -> TickConfig:
         retry_base_s=settings.persona_retry_base_s,
         language=settings.persona_language,
         policy=settings.tool_policy,
-        space_recheck_s=settings.mana_space_recheck_h * 3600,
     )

@@ -25,7 +25,7 @@ _meta = sa.MetaData()
 # Version of each table and column: the step that added it.
 _V1 = {"since": 1}
 _V2 = {"since": 2}
-# Version 3 is issue 13's (a per-persona vault table); 4 is the report's read model.
+_V3 = {"since": 3}
 _V4 = {"since": 4}
 
 ticks = sa.Table(
@@ -95,6 +95,16 @@ personal_spaces = sa.Table(
     sa.Column("space_id", sa.String(255), nullable=False),
     sa.Column("resolved_at", sa.Float, nullable=False),
     info=_V1,
+)
+# A persona known to have an encryption vault (contract §9): found, or created by the runner at
+# first contact. A vault is never removed, so once known it is not asked about again.
+persona_vaults = sa.Table(
+    "persona_vaults",
+    _meta,
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("how", sa.String(16), nullable=False),  # found | created
+    sa.Column("at", sa.Float, nullable=False),
+    info=_V3,
 )
 # The space each tick played in, and how it was known (journal | bearer | cookie).
 tick_spaces = sa.Table(
@@ -241,9 +251,7 @@ migrations = sa.Table(
 STEPS: tuple[str, ...] = (
     "baseline: the tables of the last unversioned release",
     "replicas: claim by unique (persona, window), tick and batch leases",
-    # Issue 13's step (the per-persona vault table); a placeholder here so that steps stay numbered
-    # 1..N: the merge replaces this name and adds its table with since=3.
-    "reserved for issue 13",
+    "vaults: personas known to have an encryption vault",
     "report: daily rollup, findings, catalogue, last ticks, polls, tick stage",
 )
 SCHEMA_VERSION = len(STEPS)

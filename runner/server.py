@@ -25,7 +25,8 @@ from runner.dispatch import Dispatcher, PollError
 from runner.log import redact
 from runner.mana.errors import ManaError
 from runner.runtime import Runtime
-from runner.tick import LoginBlocked, sign_in
+from runner.session import LoginBlocked
+from runner.tick import sign_in
 
 # A probe flood must not become a /due flood: one readiness check serves every probe for this long.
 READY_CACHE_S = 5.0
@@ -83,16 +84,16 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
         email = request.query_params.get("email", "")
         if not email:
             return JSONResponse({"error": "email query parameter required"}, status_code=400)
-        deps = runtime.tick_deps
         try:
             # The tick's own sign-in: the same lockout rule (a refused password is never tried
             # again, and a refusal here blocks ticks too) and the same login pacing.
-            login, space = await sign_in(deps.config, deps.auth, deps.journal, email)
+            session = await sign_in(runtime.tick_deps, email)
         except ManaError as exc:
             # 409: the runner itself declines (a refused password is not tried again); 502: Mana answered so.
             status = 409 if isinstance(exc, LoginBlocked) else 502
             return JSONResponse({"ok": False, "stage": exc.stage, "error": redact(str(exc))}, status_code=status)
-        return JSONResponse({"ok": True, "userId": login.user_id, "personalSpaceId": space.id, "via": space.via})
+        space = session.space
+        return JSONResponse({"ok": True, "userId": session.user_id, "personalSpaceId": space.id, "via": space.via})
 
     async def diag_tick(_: Request) -> Response:
         try:

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Literal
 
 import httpx
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from runner.agent.policy import ToolPolicy, parse_patterns
+from runner.cost import DEFAULT_PRICES_FILE, Price, PriceFileError, PriceTable, load_prices
 from runner.persona import DEV_SEED_SECRET
 
 
@@ -25,6 +26,9 @@ class Settings(BaseSettings):
 
     mana_api_url: str = "http://localhost:3060"
     mana_auth_url: str = "http://localhost:3001"
+    # The Origin sent with every request that carries a persona's Better Auth cookie (its origin
+    # check refuses such a request without a trusted one); unset: MANA_AUTH_URL's own origin.
+    mana_auth_origin: str | None = None
     mana_mcp_url: str = "http://localhost:3069"
     mana_service_key: SecretStr = SecretStr("")
     # Older deployments served the same routes from mana-auth at /api/v1/internal/personas.
@@ -41,6 +45,8 @@ class Settings(BaseSettings):
     anthropic_base_url: str | None = None
     anthropic_model: str = "claude-haiku-4-5"
     anthropic_max_retries: int = Field(default=4, ge=0, le=10)
+    # USD per million tokens per model, dated (config/model-prices.json); read and checked at start.
+    model_prices_file: Path = DEFAULT_PRICES_FILE
     llm_provider: Literal["anthropic", "scripted"] = "anthropic"
     llm_max_tokens: int = Field(default=1024, ge=64, le=8192)
     scripted_seed: str = "mana"
@@ -50,6 +56,8 @@ class Settings(BaseSettings):
     persona_tools_allow: str = ""
     persona_tools_deny: str = ""
     persona_language: Literal["de", "en"] = "de"
+    # Create a persona's encryption vault at first contact, as Mana's web app does at a first login.
+    persona_vault_init: bool = True
 
     persona_seed_secret: SecretStr = SecretStr(DEV_SEED_SECRET)
     # At most a day: the scheduler's clock arithmetic overflows on absurd values (1e20).
@@ -87,6 +95,9 @@ class Settings(BaseSettings):
     runner_state_url: SecretStr | None = None
     # How long a replica's claim on a running tick (and on a batch it sends) holds without renewal.
     runner_lease_s: float = Field(default=60, ge=1, le=3600)
+    # OpenTelemetry's own variable: when set, each tick is one trace, exported over OTLP/HTTP.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "persona-runner"
     # `python -m runner report`: a module regresses when its mean rating over the last
     # REPORT_RECENT_DAYS is REPORT_REGRESSION_DROP below the REPORT_PRIOR_DAYS before, with at least
     # REPORT_MIN_RATINGS ratings on each side; a finding is gone after REPORT_GONE_AFTER successes.
@@ -98,7 +109,11 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("mana_api_url", "mana_auth_url", "mana_mcp_url", "anthropic_base_url")
+    _prices: PriceTable | None = PrivateAttr(default=None)
+
+    @field_validator(
+        "mana_api_url", "mana_auth_url", "mana_mcp_url", "anthropic_base_url", "otel_exporter_otlp_endpoint"
+    )
     @classmethod
     def _http_origin(cls, value: str | None) -> str | None:
         if value is None:
@@ -111,19 +126,30 @@ class Settings(BaseSettings):
             raise ValueError(f"not a valid URL ({str(exc)[:80]})") from None
         if not url.host:
             raise ValueError("has no host")
+        if not _is_host(url.raw_host.decode("ascii", "replace")):
+            # httpx takes `exa mple.com` and fails only at connect time, on every request.
+            raise ValueError("its host is not a host name or an IP address")
         if url.port is not None and not 0 < url.port <= 65535:
             raise ValueError("port must be between 1 and 65535")
         return value.rstrip("/")
+
+    @field_validator("mana_auth_origin")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        origin = cls._http_origin(value)
+        assert origin is not None
+        if httpx.URL(origin).raw_path not in (b"", b"/") or "?" in origin or "#" in origin:
+            raise ValueError("must be an origin (scheme://host[:port]) without a path")
+        return origin
 
     @field_validator("http_host")
     @classmethod
     def _bind_address(cls, value: str) -> str:
         # An IP literal or a host name; anything else would only fail later, at bind time.
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
-                raise ValueError("must be an IP address or a host name") from None
+        if not _is_host(value):
+            raise ValueError("must be an IP address or a host name")
         return value
 
     @field_validator("runner_state_url")
@@ -193,6 +219,28 @@ class Settings(BaseSettings):
                 raise ValueError("RUNNER_DIAG: the diagnostics endpoints are not served in production")
         return self
 
+    @model_validator(mode="after")
+    def _priced_model(self) -> Settings:
+        # A model without a price would cost money the runner reports as zero: refused at start.
+        try:
+            self._prices = load_prices(self.model_prices_file)
+        except PriceFileError as exc:
+            raise ValueError(f"MODEL_PRICES_FILE: {exc}") from None
+        if self.llm_provider == "anthropic" and self._prices.price(self.anthropic_model) is None:
+            raise ValueError(
+                f"ANTHROPIC_MODEL: no price for {self.anthropic_model!r} in {self.model_prices_file} "
+                f"(as of {self._prices.as_of}); add its row there or point MODEL_PRICES_FILE at a table that has it"
+            )
+        return self
+
+    @property
+    def model_price(self) -> Price:
+        """ANTHROPIC_MODEL's row of the price table (checked at start for the anthropic provider)."""
+        price = self._prices.price(self.anthropic_model) if self._prices is not None else None
+        if price is None:
+            raise SettingsError(f"ANTHROPIC_MODEL: no price for {self.anthropic_model!r}")
+        return price
+
     @property
     def production(self) -> bool:
         return self.runner_env == "production"
@@ -215,6 +263,18 @@ class Settings(BaseSettings):
             if password:
                 found.append(str(password))
         return found
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+
+
+def _is_host(value: str) -> bool:
+    """An IP literal or a DNS name (labels of letters, digits, `-` and `_` as container names use)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return len(value) <= 253 and _HOST_NAME.fullmatch(value) is not None
+    return True
 
 
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*")

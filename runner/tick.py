@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,18 +19,20 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import structlog
+from opentelemetry import trace
 
-from runner import metrics
+from runner import metrics, tracing
 from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, play
 from runner.agent.policy import Decision, ToolPolicy, summary
 from runner.agent.prompts import Language, liked_modules, rating_prompt, system_prompt
 from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
 from runner.journal import Claim, Journal
-from runner.log import get_logger, register_secret
-from runner.mana.auth import AuthClient, Login, Space, WaitHook, is_wrong_password
-from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
+from runner.log import get_logger
+from runner.mana.auth import AuthClient
+from runner.mana.errors import ApiError, ManaError, TransportError
 from runner.mana.mcp import McpGateway, SpaceRefused, ToolSpec, error_message
-from runner.persona import TICK_ROW, ActionRow, DuePersona, derive_password, input_hash, module_of
+from runner.persona import TICK_ROW, ActionRow, DuePersona, input_hash, module_of
+from runner.session import PersonaSession, SessionConfig
 
 log = get_logger("runner.tick")
 
@@ -41,7 +42,7 @@ ProviderFactory = Callable[[DuePersona, str], Provider]
 
 @dataclass(frozen=True, slots=True)
 class TickConfig:
-    seed_secret: str
+    session: SessionConfig
     mcp_url: str
     max_turns: int
     timeout_s: float
@@ -50,15 +51,8 @@ class TickConfig:
     language: Language
     call_timeout_s: float = 60.0
     policy: ToolPolicy = field(default_factory=ToolPolicy)
-    # A remembered personal space older than this is looked up again (MANA_SPACE_RECHECK_H).
-    space_recheck_s: float = 7 * 86_400.0
     # One TLS context for every MCP session of the process, built once.
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
-
-    @property
-    def secret_fingerprint(self) -> str:
-        """Names the seed secret in the journal without storing it."""
-        return hashlib.sha256(b"persona-runner/" + self.seed_secret.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +61,6 @@ class TickDeps:
     auth: AuthClient
     journal: Journal
     make_provider: ProviderFactory
-
-
-class LoginBlocked(PermanentError):
-    """This persona's password was refused before with this seed secret: not tried again (lockout)."""
 
 
 class NoToolsOffered(Exception):
@@ -82,6 +72,7 @@ class _Progress:
     stage: str = "login"
     play: Play = field(default_factory=Play)
     calls: _JournaledCalls | None = None
+    session: PersonaSession | None = None
     gateway: McpGateway | None = None
     deadline: asyncio.Timeout | None = None
 
@@ -104,8 +95,18 @@ class _Progress:
                 deadline.reschedule(when + (loop.time() - started))
 
 
-async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
-    """Run one claimed tick to its sealed (or deferred) end. Cancellation seals it as interrupted."""
+async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim, window: str = "") -> Outcome:
+    """Run one claimed tick to its sealed (or deferred) end. Cancellation seals it as interrupted.
+
+    The tick is one trace when tracing is on (runner/tracing.py): its span is current while it runs.
+    """
+    with tracing.tick_span(persona, claim.tick_id, window) as span:
+        outcome = await _run_tick(deps, persona, claim)
+        tracing.ended(span, outcome)
+        return outcome
+
+
+async def _run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome:
     structlog.contextvars.bind_contextvars(persona=persona.email, tick_id=claim.tick_id, stage="login")
     progress = _Progress()
     started = time.monotonic()
@@ -142,11 +143,11 @@ async def run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcome
         await asyncio.shield(_interrupted(deps, claim, progress, started))
         raise
     except Exception as exc:  # noqa: BLE001 - one persona failing must never stop the others
-        if isinstance(exc, SpaceRefused):
+        if isinstance(exc, SpaceRefused) and progress.session is not None:
             # A fresh JWT refused at the gateway: the remembered space may be wrong; look it up next time.
             # Only a hint: failing to write it must not keep the tick from being sealed below.
             with contextlib.suppress(Exception):
-                await deps.journal.forget_space(persona.user_id)
+                await progress.session.forget_space()
         return await _failed(deps, claim, progress, exc, started)
     finally:
         metrics.IN_FLIGHT.dec()
@@ -182,90 +183,25 @@ def _shutting_down() -> bool:
     return task is None or task.cancelling() > 0
 
 
-async def _password(config: TickConfig, journal: Journal, email: str, user_id: str | None) -> str:
-    """The derived password, unless it was refused before with this secret: never spend a lockout attempt twice.
-
-    `python -m runner tools EMAIL` and /diag/login know a persona by its email only (a refused
-    login reveals no user id), so blocks are looked up by user id and by email alike.
-    """
-    blocked = await journal.login_block(user_id or None, config.secret_fingerprint, email)
-    if blocked:
-        raise LoginBlocked(f"login: not attempted, refused before with this seed secret ({blocked})", stage="login")
-    password = derive_password(config.seed_secret, email)
-    register_secret(password)
-    return password
-
-
-@asynccontextmanager
-async def _blocking_wrong_password(
-    config: TickConfig, journal: Journal, email: str, user_id: str | None
-) -> AsyncIterator[None]:
-    """Every refused password counts toward Mana's lockout: never again with this secret, on either sign-in."""
-    try:
-        yield
-    except ApiError as exc:
-        if is_wrong_password(exc):
-            await journal.block_login(user_id or email, config.secret_fingerprint, str(exc), email=email)
-        raise
+def _session(
+    deps: TickDeps, email: str, user_id: str | None = None, progress: _Progress | None = None
+) -> PersonaSession:
+    if progress is None:
+        return PersonaSession(deps.config.session, deps.auth, deps.journal, email, user_id)
+    return PersonaSession(
+        deps.config.session,
+        deps.auth,
+        deps.journal,
+        email,
+        user_id,
+        waiting=progress.login_wait,
+        stage=lambda stage: _stage(progress, stage),
+    )
 
 
-async def _login(
-    config: TickConfig,
-    auth: AuthClient,
-    journal: Journal,
-    email: str,
-    user_id: str | None,
-    waiting: WaitHook | None = None,
-) -> Login:
-    """Log a persona in, never spending a lockout attempt on a password refused before with this secret."""
-    password = await _password(config, journal, email, user_id)
-    async with _blocking_wrong_password(config, journal, email, user_id):
-        return await auth.login(email, password, waiting=waiting)
-
-
-async def _login_and_space(
-    config: TickConfig,
-    auth: AuthClient,
-    journal: Journal,
-    email: str,
-    user_id: str | None,
-    progress: _Progress,
-) -> tuple[Login, Space]:
-    """The JWT and the personal space; a space remembered in the journal costs no second sign-in."""
-    password = await _password(config, journal, email, user_id)
-    known = await journal.known_space(user_id, config.space_recheck_s) if user_id else None
-    space = Space(known, "journal") if known is not None else None
-    async with _blocking_wrong_password(config, journal, email, user_id):
-        if space is None and auth.bearer_accepted is False:
-            # The cookie's sign-in first: the JWT minted after it is fresh when the MCP session opens.
-            _stage(progress, "spaces")
-            space = await auth.space_by_cookie(email, password, waiting=progress.login_wait)
-        _stage(progress, "login")
-        login = await auth.login(email, password, waiting=progress.login_wait)
-        if space is None:
-            _stage(progress, "spaces")
-            space = await auth.personal_space(login, email, password, waiting=progress.login_wait)
-    if user_id and space.via != "journal":
-        await journal.remember_space(user_id, space.id)
-    return login, space
-
-
-def _gateway(
-    config: TickConfig,
-    auth: AuthClient,
-    journal: Journal,
-    email: str,
-    user_id: str | None,
-    login: Login,
-    space_id: str,
-    waiting: WaitHook | None = None,
-) -> McpGateway:
-    async def fresh_token() -> str:
-        # Re-login rather than refresh: the derived password always works and needs no session state.
-        # Through _login, so even a renewal never spends a lockout attempt twice.
-        return (await _login(config, auth, journal, email, user_id, waiting)).access_token
-
-    return McpGateway(config.mcp_url, space_id, login.access_token, fresh_token, config.call_timeout_s, config.tls)
+def _gateway(config: TickConfig, session: PersonaSession) -> McpGateway:
+    # Renewal through the session: a new sign-in that never spends a lockout attempt twice.
+    return McpGateway(config.mcp_url, session.space.id, session.jwt, session.renew, config.call_timeout_s, config.tls)
 
 
 def _decide(policy: ToolPolicy, specs: list[ToolSpec]) -> list[Decision]:
@@ -281,29 +217,31 @@ def _decide(policy: ToolPolicy, specs: list[ToolSpec]) -> list[Decision]:
     return decisions
 
 
-async def sign_in(config: TickConfig, auth: AuthClient, journal: Journal, email: str) -> tuple[Login, Space]:
-    """Login and personal space for a persona known by its email alone (the `login` and `tools`
-    commands, /diag/login), under the same lockout rule as ticks."""
-    return await _login_and_space(config, auth, journal, email, None, _Progress())
+async def sign_in(deps: TickDeps, email: str) -> PersonaSession:
+    """An open session for a persona known by its email alone (the `login` and `tools` commands,
+    /diag/login), under the same lockout rule as ticks."""
+    session = _session(deps, email)
+    await session.open()
+    return session
 
 
-async def served_tools(config: TickConfig, auth: AuthClient, journal: Journal, email: str) -> list[Decision]:
+async def served_tools(deps: TickDeps, email: str) -> list[Decision]:
     """What `python -m runner tools EMAIL` shows: the served list with the policy's decision per tool."""
-    login, space = await sign_in(config, auth, journal, email)
-    async with _gateway(config, auth, journal, email, None, login, space.id) as gateway:
-        return config.policy.decide(await gateway.tools())
+    session = await sign_in(deps, email)
+    async with _gateway(deps.config, session) as gateway:
+        return deps.config.policy.decide(await gateway.tools())
 
 
 async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress: _Progress) -> list[str]:
     """The persona's day; returns the modules it used (empty for a quiet day)."""
     config = deps.config
-    login, space = await _login_and_space(config, deps.auth, deps.journal, persona.email, persona.user_id, progress)
-    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, space.id, space.via)
+    session = progress.session = _session(deps, persona.email, persona.user_id, progress)
+    await session.open(vault=True)
+    await deps.journal.record_tick_space(claim.tick_id, persona.user_id, session.space.id, session.space.via)
+    trace.get_current_span().set_attribute("mana.space.id", session.space.id)
 
     _stage(progress, "mcp")
-    progress.gateway = _gateway(
-        config, deps.auth, deps.journal, persona.email, persona.user_id, login, space.id, progress.login_wait
-    )
+    progress.gateway = _gateway(config, session)
     async with progress.gateway as gateway:
         specs = await gateway.tools()
         _stage(progress, "tools")
@@ -465,6 +403,8 @@ def metrics_usage(state: Play) -> None:
     for kind, count in state.usage.by_kind().items():
         if count:
             metrics.LLM_TOKENS.labels(kind=kind).inc(count)
+    if state.usage.cost_usd:
+        metrics.LLM_COST.labels(model=state.usage.model).inc(state.usage.cost_usd)
     state.usage = type(state.usage)()  # counted once, even when a failure path reports again
 
 

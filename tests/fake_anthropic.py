@@ -15,6 +15,15 @@ Usage::
         fake.brain = my_brain       # (body) -> blocks | (blocks, stop_reason), may be async
         fake.requests               # every received JSON body, in order (failed ones too)
 
+Prompt caching follows the rules in /work/shared/llm-facts.md (see ``PromptCache``): a
+prefix per breakpoint in the order tools → system → messages, identical byte for byte (key
+order included), at most 4 breakpoints, each one looking back 20 blocks for an entry; the
+model's minimum cacheable length (below it nothing is cached, silently); a 5-minute (or 1-hour)
+lifetime refreshed by each hit; an entry usable only once the response that wrote it has
+started (here: once the brain has answered, so requests that arrive meanwhile pay the write
+too); the usage counters as the API reports them. Tokens are estimated at 4 characters each.
+``fake.cache.writes`` lists every entry written, who paid, and whether anything read it.
+
 Facts checked against anthropic 2.12.0 (see /work/shared/sdk-notes.md):
 - the SDK sends ``Authorization: Bearer <key>`` and ``anthropic-version``;
 - it retries 408/409/429/5xx (529 included); a ``retry-after`` > 0 is slept exactly,
@@ -35,10 +44,11 @@ import random
 import re
 import secrets
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import uvicorn
 from starlette.applications import Starlette
@@ -55,6 +65,20 @@ Brain = Callable[[dict[str, Any]], BrainReply | Awaitable[BrainReply]]
 TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 MAX_CACHE_BREAKPOINTS = 4
+# Each breakpoint finds an entry at its own block or up to 19 blocks before it.
+CACHE_LOOKBACK_BLOCKS = 20
+CACHE_TTL_S = {"5m": 300.0, "1h": 3600.0}
+CHARS_PER_TOKEN = 4
+# The models the fake serves, with the shortest prefix each will cache (llm-facts.md); any
+# other model is refused as the real API refuses a model it does not know.
+MIN_CACHEABLE_TOKENS = {
+    "claude-haiku-4-5": 4096,
+    "claude-haiku-4-5-20251001": 4096,
+    "claude-sonnet-4-5": 1024,
+    "claude-sonnet-4-5-20250929": 1024,
+    "claude-opus-4-5": 4096,
+    "claude-opus-4-6": 4096,
+}
 
 # Body fields the Messages API accepts (mirrors the body anthropic 2.12.0's
 # messages.create() builds). Anything else is refused, as the real API does.
@@ -398,9 +422,13 @@ def default_brain(body: dict[str, Any]) -> tuple[list[Block], str]:
     Inputs come from the project's one schema-driven generator (runner.agent.arguments), fed
     with the ids of earlier tool results, so a tool needing an id nobody returned is passed over.
     """
-    tools: list[dict[str, Any]] = body.get("tools") or []
-    choice: dict[str, Any] = body.get("tool_choice") or {"type": "auto"}
+    declared: list[dict[str, Any]] = body.get("tools") or []
+    # Like a model reading the descriptions: a tool kept for when it is asked for waits until then.
+    tools = [t for t in declared if not str(t.get("description", "")).startswith("Only when")]
     messages: list[dict[str, Any]] = body["messages"]
+    asked = asked_tool(body)
+    instruction = " ".join(b.get("text", "") for b in _blocks(messages[-1]) if b.get("type") == "text")
+    choice: dict[str, Any] = body.get("tool_choice") or ({"type": "tool", "name": asked} if asked else {"type": "auto"})
     tool_turns = sum(
         1 for m in messages if m["role"] == "assistant" and any(b.get("type") == "tool_use" for b in _blocks(m))
     )
@@ -409,14 +437,16 @@ def default_brain(body: dict[str, Any]) -> tuple[list[Block], str]:
     def use(tool: dict[str, Any]) -> Block | None:
         rng = random.Random(f"{tool_turns}:{tool['name']}")
         schema = tool["input_schema"]
-        arguments = _one_per_enum(schema, rng) or generate(schema, rng, tool=_mcp_name(tool["name"]), ids=ids)
+        arguments = _one_per_enum(schema, rng, instruction) or generate(
+            schema, rng, tool=_mcp_name(tool["name"]), ids=ids
+        )
         if arguments is None:
             return None
         return {"type": "tool_use", "id": "toolu_" + secrets.token_hex(12), "name": tool["name"], "input": arguments}
 
     if choice["type"] in ("tool", "any"):
         forced = (
-            [t for t in tools if t["name"] == choice["name"]]
+            [t for t in declared if t["name"] == choice["name"]]
             if choice["type"] == "tool"
             else tools[tool_turns % len(tools) :] + tools[: tool_turns % len(tools)]
         )
@@ -433,6 +463,16 @@ def default_brain(body: dict[str, Any]) -> tuple[list[Block], str]:
     turn = sum(1 for m in messages if m["role"] == "assistant")
     lines = [GERMAN_LINES[turn % len(GERMAN_LINES)], GERMAN_LINES[(turn + 1) % len(GERMAN_LINES)]]
     return [{"type": "text", "text": " ".join(lines[: 1 + turn % 2])}], "end_turn"
+
+
+def asked_tool(body: dict[str, Any]) -> str | None:
+    """The declared tool the newest user message tells the model to answer with (the runner's
+    rating request names its rating tool), as a model following the instruction would take it."""
+    last = body["messages"][-1]
+    if last["role"] != "user":
+        return None
+    text = " ".join(b.get("text", "") for b in _blocks(last) if b.get("type") == "text")
+    return next((t["name"] for t in body.get("tools") or [] if t.get("name") and t["name"] in text), None)
 
 
 def _mcp_name(api_name: str) -> str:
@@ -457,16 +497,19 @@ def _seen_ids(messages: list[dict[str, Any]]) -> IdPool:
     return ids
 
 
-def _one_per_enum(schema: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+def _one_per_enum(schema: dict[str, Any], rng: random.Random, asked: str = "") -> dict[str, Any] | None:
     """A model rating its day gives one item per module, every field filled: an array of objects
-    keyed by an enum gets one item per enum value (each from the generator), e.g. submit_ratings."""
+    keyed by an enum gets one item per enum value (each from the generator), e.g. submit_ratings;
+    when the instruction (`asked`) names some of the values, one item for each of those only."""
     for name, prop in (schema.get("properties") or {}).items():
         items = prop.get("items") if isinstance(prop, dict) and prop.get("type") == "array" else None
         keys = (items or {}).get("properties") or {}
         key = next((k for k, sub in keys.items() if isinstance(sub, dict) and sub.get("enum")), None)
         if items is not None and key is not None:
+            values = keys[key]["enum"]
+            named = [v for v in values if isinstance(v, str) and v in asked]
             out = []
-            for value in keys[key]["enum"]:
+            for value in named or values:
                 item = generate({**items, "required": list(keys)}, rng) or {}
                 out.append({**item, key: value})
             rest = generate({**schema, "properties": {k: v for k, v in schema["properties"].items() if k != name}}, rng)
@@ -479,7 +522,7 @@ def _one_per_enum(schema: dict[str, Any], rng: random.Random) -> dict[str, Any] 
 
 def _tokens(obj: Any) -> int:
     # Roughly 4 characters per token, as for English/German prose.
-    return max(1, math.ceil(len(json.dumps(obj, ensure_ascii=False, sort_keys=True)) / 4))
+    return max(1, math.ceil(len(json.dumps(obj, ensure_ascii=False, sort_keys=True)) / CHARS_PER_TOKEN))
 
 
 def _output_tokens(blocks: list[Block]) -> int:
@@ -499,6 +542,139 @@ def _strip_cc(blk: Any) -> Any:
     if isinstance(out.get("content"), list):  # tool_result content
         out["content"] = [_strip_cc(s) for s in out["content"]]
     return out
+
+
+Level = Literal["tools", "system", "messages"]
+
+
+@dataclass
+class CacheWrite:
+    """One cache entry as written: which request paid for it, for what, and whether it was read."""
+
+    request: int  # the paying request's number, counting every request the cache planned
+    model: str
+    level: Level  # where its breakpoint sits
+    tokens: int  # the prefix it holds
+    paid: int  # the part of it this request was charged as a write
+    ttl: str
+    expires: float = 0.0
+    read: bool = False  # a later request read this prefix (or a longer one that contains it)
+
+
+@dataclass
+class CachePlan:
+    """What one request reads, decided when it arrives, and what it writes once its response starts."""
+
+    usage: dict[str, Any]
+    writes: list[tuple[str, CacheWrite]] = field(default_factory=list)
+
+
+def _segments(body: dict[str, Any]) -> list[tuple[Level, Any, Any]]:
+    """The prompt as cacheable blocks in the API's order, each with its level and cache_control."""
+    segments: list[tuple[Level, Any, Any]] = [
+        ("tools", _strip_cc(t), t.get("cache_control")) for t in body.get("tools") or []
+    ]
+    system = body.get("system")
+    if isinstance(system, str):
+        segments.append(("system", system, None))
+    elif isinstance(system, list):
+        segments += [("system", _strip_cc(b), b.get("cache_control")) for b in system]
+    for m in body["messages"]:
+        for b in _blocks(m):
+            # A breakpoint inside a tool_result's content marks the enclosing block.
+            inner = b.get("content") if b.get("type") == "tool_result" else None
+            nested = [s.get("cache_control") for s in inner if isinstance(s, dict)] if isinstance(inner, list) else []
+            cc = b.get("cache_control") or next((c for c in nested if c), None)
+            segments.append(("messages", (m["role"], _strip_cc(b)), cc))
+    if body.get("cache_control") and segments:
+        level, content, _ = segments[-1]
+        segments[-1] = (level, content, body["cache_control"])
+    return segments
+
+
+def _prefix_keys(body: dict[str, Any], segments: list[tuple[Level, Any, Any]]) -> list[str]:
+    """The identity of the prefix ending at each block: the model and every byte before, in order.
+
+    Serialized as sent (no key sorting): a tool schema whose keys come in another order is
+    another prompt. tool_choice and thinking count toward the message blocks' identity only
+    (Anthropic's caching guide: changing them invalidates the message cache, not tools or system).
+    """
+    digest = hashlib.sha256(body["model"].encode())
+    keys: list[str] = []
+    for k, (level, content, _) in enumerate(segments):
+        if level == "messages" and (k == 0 or segments[k - 1][0] != "messages"):
+            digest.update(json.dumps([body.get("tool_choice"), body.get("thinking")]).encode())
+        digest.update(json.dumps(content, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\0")
+        keys.append(digest.copy().hexdigest())
+    return keys
+
+
+class PromptCache:
+    """The API's prompt cache, shared by every request to one fake (one organization)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: dict[str, CacheWrite] = {}
+        self._planned = 0
+        self.writes: list[CacheWrite] = []  # every entry written, in the order the writes took effect
+
+    def plan(self, body: dict[str, Any]) -> CachePlan:
+        """Read what is cached now (refreshing what it hits) and price the request's input."""
+        now = self._clock()
+        self._planned += 1
+        segments = _segments(body)
+        sizes = [_tokens(content) for _, content, _ in segments]
+        ends = [sum(sizes[: k + 1]) for k in range(len(segments))]
+        keys = _prefix_keys(body, segments)
+        minimum = MIN_CACHEABLE_TOKENS[body["model"]]
+        # A breakpoint below the model's minimum caches nothing and reads nothing, silently.
+        breakpoints = [k for k, (_, _, cc) in enumerate(segments) if cc and ends[k] >= minimum]
+        hit = -1
+        for b in breakpoints:
+            for k in range(b, max(-1, b - CACHE_LOOKBACK_BLOCKS), -1):
+                if self._live(keys[k], now):
+                    hit = max(hit, k)
+                    break
+        read = ends[hit] if hit >= 0 else 0
+        if hit >= 0:
+            entry = self._entries[keys[hit]]
+            entry.expires = now + CACHE_TTL_S[entry.ttl]  # a hit refreshes the lifetime, free
+            for k in range(hit + 1):  # the prefix read contains every entry on its way, whoever wrote it
+                if self._live(keys[k], now):
+                    self._entries[keys[k]].read = True
+        plan = CachePlan(usage={})
+        covered = read
+        by_ttl = {"5m": 0, "1h": 0}
+        for b in breakpoints:
+            if b <= hit:
+                continue
+            ttl = segments[b][2].get("ttl", "5m")
+            paid = ends[b] - covered
+            covered = ends[b]
+            by_ttl[ttl] += paid
+            level = segments[b][0]
+            plan.writes.append((keys[b], CacheWrite(self._planned, body["model"], level, ends[b], paid, ttl)))
+        total = ends[-1] if ends else 0
+        plan.usage = {
+            "input_tokens": total - covered,  # what comes after the last breakpoint (or all of it)
+            "cache_creation_input_tokens": covered - read,
+            "cache_read_input_tokens": read,
+            "cache_creation": {"ephemeral_5m_input_tokens": by_ttl["5m"], "ephemeral_1h_input_tokens": by_ttl["1h"]},
+            "service_tier": "standard",
+        }
+        return plan
+
+    def commit(self, plan: CachePlan) -> None:
+        """The response that wrote these entries has started: from now on they can be read."""
+        now = self._clock()
+        for key, write in plan.writes:
+            write.expires = now + CACHE_TTL_S[write.ttl]
+            self._entries[key] = write  # a concurrent writer of the same prefix paid for nothing
+            self.writes.append(write)
+
+    def _live(self, key: str, now: float) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.expires > now
 
 
 # --------------------------------------------------------------------------- server
@@ -535,14 +711,16 @@ class FakeAnthropic:
     api_key: if set, a request carrying any other key gets 401 (otherwise any key passes).
     """
 
-    def __init__(self, *, brain: Brain | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self, *, brain: Brain | None = None, api_key: str | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.brain: Brain = brain or default_brain
         self.api_key = api_key
+        self.cache = PromptCache(clock)
         self.requests: list[Any] = []  # every JSON body received on /v1/messages, in order
         self.exchanges: list[Exchange] = []  # the same, with headers, status and answer
         self.base_url = ""  # http://127.0.0.1:<port>, set once started
         self._failures: deque[_Failure] = deque()
-        self._cache: dict[str, int] = {}  # prompt-prefix hash -> its token count
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.app = Starlette(
@@ -659,7 +837,10 @@ class FakeAnthropic:
             validate_request(body)
         except InvalidRequest as e:
             return self._reply(body, headers, 400, self._error(400, str(e)))
+        if body["model"] not in MIN_CACHEABLE_TOKENS:
+            return self._reply(body, headers, 404, self._error(404, f"model: {body['model']}"))
 
+        plan = self.cache.plan(body)  # the cache is read when the request arrives, before the model runs
         try:
             reply = self.brain(body)
             if inspect.isawaitable(reply):
@@ -668,6 +849,7 @@ class FakeAnthropic:
             return self._reply(
                 body, headers, 500, self._error(500, f"fake brain raised {e!r}"), {"x-should-retry": "false"}
             )
+        self.cache.commit(plan)
         blocks, stop_reason = (
             reply
             if isinstance(reply, tuple)
@@ -693,62 +875,6 @@ class FakeAnthropic:
             "content": blocks,
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": {**self._usage(body), "output_tokens": output_tokens},
+            "usage": {**plan.usage, "output_tokens": output_tokens},
         }
         return self._reply(body, headers, 200, message)
-
-    def _usage(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Input token counts with a deterministic prompt cache.
-
-        The prompt is the sequence tools, system, message blocks. Each cache_control marks a
-        prefix; a prefix seen before (same model) is read from cache, the longest such wins,
-        and whatever lies between it and the last breakpoint is written to cache.
-        """
-        segments: list[tuple[Any, Any]] = [(_strip_cc(t), t.get("cache_control")) for t in body.get("tools") or []]
-        system = body.get("system")
-        if isinstance(system, str):
-            segments.append((system, None))
-        elif isinstance(system, list):
-            segments += [(_strip_cc(b), b.get("cache_control")) for b in system]
-        for m in body["messages"]:
-            for b in _blocks(m):
-                # A breakpoint inside a tool_result's content marks the enclosing block.
-                inner = b.get("content") if b.get("type") == "tool_result" else None
-                nested = (
-                    [s.get("cache_control") for s in inner if isinstance(s, dict)] if isinstance(inner, list) else []
-                )
-                cc = b.get("cache_control") or next((c for c in nested if c), None)
-                segments.append(((m["role"], _strip_cc(b)), cc))
-        if body.get("cache_control") and segments:
-            segments[-1] = (segments[-1][0], body["cache_control"])
-
-        sizes = [_tokens(s) for s, _ in segments]
-        total = sum(sizes)
-        breakpoints = [i for i, (_, cc) in enumerate(segments) if cc]
-        read = created = 0
-        ttl = "5m"
-        if breakpoints:
-            keys = {
-                i: hashlib.sha256(
-                    json.dumps([body["model"], [s for s, _ in segments[: i + 1]]], sort_keys=True).encode()
-                ).hexdigest()
-                for i in breakpoints
-            }
-            hits = [i for i in breakpoints if keys[i] in self._cache]
-            read = sum(sizes[: max(hits) + 1]) if hits else 0
-            last = breakpoints[-1]
-            created = sum(sizes[: last + 1]) - read
-            last_cc = segments[last][1]
-            ttl = last_cc.get("ttl", "5m") if isinstance(last_cc, dict) else "5m"
-            for i in breakpoints:
-                self._cache[keys[i]] = sum(sizes[: i + 1])
-        return {
-            "input_tokens": total - read - created,
-            "cache_creation_input_tokens": created,
-            "cache_read_input_tokens": read,
-            "cache_creation": {
-                "ephemeral_5m_input_tokens": created if ttl == "5m" else 0,
-                "ephemeral_1h_input_tokens": created if ttl == "1h" else 0,
-            },
-            "service_tier": "standard",
-        }

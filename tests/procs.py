@@ -222,3 +222,14 @@ def calls_vs_rows(
         if a["toolName"] != TICK_ROW:
             rows.setdefault(a["personaId"], Counter())[(a["toolName"], a["inputHash"])] += 1
     return calls, rows, actions
+
+
+def run_tiny_bench(script: str, out: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """A bench script's --tiny self-check, so the suite keeps the benchmarks from rotting."""
+    return subprocess.run(
+        [sys.executable, f"bench/{script}", "--tiny", "--out", str(out), "--name", name],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

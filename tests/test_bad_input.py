@@ -14,16 +14,18 @@ from pathlib import Path
 
 import pytest
 import structlog
+import structlog.testing
 from canned import Canned
-from conftest import Mana, open_runner
+from conftest import Mana, open_runner, serving
 from fault_proxy import FaultProxy
-from procs import ROOT, runner_env, start_runner, start_sandbox
+from procs import ROOT, free_port, runner_env, start_runner, start_sandbox, until
 from starlette.responses import JSONResponse, Response
 
 from runner import log
 from runner.dispatch import run_once
 from runner.journal import PRUNE_CHUNK, Journal
 from runner.mana.personas_api import DueLimits, parse_due
+from runner.settings import load_settings
 
 
 @pytest.fixture
@@ -70,6 +72,9 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
         ("MANA_MCP_URL", "http://[::1]:3069", None),  # a well-formed IPv6 origin is fine
         ("MANA_AUTH_URL", "http://localhost:99999", "port must be between"),
         ("MANA_API_URL", "http://", "has no host"),
+        ("MANA_API_URL", "http://exa mple.com", "not a host name"),
+        ("MANA_AUTH_ORIGIN", "http://localhost:3001/app", "must be an origin"),
+        ("MANA_AUTH_URL", "http://mana_auth:3001", None),  # a compose service name is a host
         ("PORT", "99999", "PORT"),
         ("MANA_SERVICE_KEY", "schlüssel-ключ", "printable ASCII"),
         ("ANTHROPIC_API_KEY", "sk-ant-\x7f", "printable ASCII"),
@@ -123,6 +128,7 @@ BIG_INT = b'{"personas": [], "serverTime": ' + b"9" * 5000 + b"}"
         ),
         (DEEP, {}, "BAD_BODY"),
         (b"<html>502 Bad Gateway</html>", {"Content-Type": "text/html"}, "BAD_BODY"),
+        (b'{"personas": []}', {"Content-Encoding": "gzip"}, "BAD_BODY"),  # says gzip, is not
         (b'{"personas": []' + b" " * 10_000 + b"}", {}, "TOO_LARGE"),
     ],
 )
@@ -139,6 +145,30 @@ def test_a_due_body_that_is_not_usable_json_fails_the_poll_in_one_line(
         assert done.returncode == 1
         line = error_line(done)
         assert line.startswith("error: cannot poll the personas API: due: HTTP 200") and says in line
+
+
+async def test_the_daemon_logs_an_undecodable_due_answer_as_a_failed_poll_not_a_crash(
+    canned: Canned, tmp_path: Path
+) -> None:
+    canned.body, canned.headers = b'{"personas": []}', {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    settings = load_settings(
+        mana_api_url=canned.url,
+        mana_auth_url="http://127.0.0.1:9",
+        mana_mcp_url="http://127.0.0.1:9",
+        llm_provider="scripted",
+        runner_state_path=tmp_path / "r.db",
+        mana_retry_attempts=1,
+        tick_interval_ms=100,
+        port=free_port(),
+        runner_env="development",
+        node_env=None,
+    )
+    with structlog.testing.capture_logs() as logged:
+        async with serving(settings):
+            await until(lambda: sum(e["event"] == "poll failed" for e in logged) >= 2, what="two failed polls")
+    failed = [e for e in logged if e["event"] == "poll failed"]
+    assert "BAD_BODY" in failed[0]["error"] and "decoded" in failed[0]["error"]
+    assert not [e for e in logged if e["event"] == "poll crashed" or e.get("exc_info")]
 
 
 def test_a_utf16_due_body_is_read_for_what_it_is(canned: Canned, tmp_path: Path) -> None:
@@ -308,3 +338,47 @@ async def test_a_prune_of_more_ticks_than_sqlite_binds_works_in_bounded_chunks(t
         assert await journal.batch_counts() == {"pending": 0, "parked": 1, "refused": 0, "delivered": 0}
     finally:
         await journal.close()
+
+
+GOOD_ROW = '{"input": 1, "cache_write_5m": 1.25, "cache_write_1h": 2, "cache_read": 0.1, "output": 5}'
+
+
+@pytest.mark.parametrize(
+    ("table", "extra", "says"),
+    [
+        ("{not json", {}, "not JSON"),
+        (
+            '{"as_of": "2026-12-01", "models": {"claude-haiku-4-5": {"input": "x"}}}',
+            {},
+            "models.claude-haiku-4-5.input",
+        ),
+        ('{"as_of": "2026-12-01", "models": {}}', {}, "models"),
+        ('{"as_of": "someday", "models": {"claude-haiku-4-5": ' + GOOD_ROW + "}}", {}, "as_of"),
+        ('{"as_of": "2026-12-01", "models": {"m": ' + GOOD_ROW.replace("5}", "-5}") + "}}", {}, "output"),
+        ('{"as_of": "2026-12-01", "unit": "EUR", "models": {"m": ' + GOOD_ROW + "}}", {}, "USD per million"),
+        (None, {}, "cannot be read"),
+        (
+            '{"as_of": "2026-12-01", "models": {"claude-haiku-4-5": ' + GOOD_ROW + "}}",
+            {"LLM_PROVIDER": "anthropic", "ANTHROPIC_MODEL": "claude-nonesuch-9"},
+            "ANTHROPIC_MODEL: no price for 'claude-nonesuch-9'",
+        ),
+    ],
+)
+def test_a_bad_price_file_or_a_model_without_a_price_is_one_line_and_exit_2(
+    table: str | None, extra: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    prices = tmp_path / "prices.json"
+    if table is not None:
+        prices.write_text(table, encoding="utf-8")
+    done = run(["once"], clean_env(tmp_path, RUNNER_PAUSED="true", MODEL_PRICES_FILE=str(prices), **extra))
+    assert done.returncode == 2
+    line = error_line(done)
+    assert line.startswith("error: ANTHROPIC_MODEL" if extra else "error: MODEL_PRICES_FILE") and says in line
+
+
+def test_a_dated_model_name_is_priced_by_its_models_row(tmp_path: Path) -> None:
+    env = clean_env(
+        tmp_path, RUNNER_PAUSED="true", LLM_PROVIDER="anthropic", ANTHROPIC_MODEL="claude-haiku-4-5-20251001"
+    )
+    done = run(["once"], env)
+    assert done.returncode == 0, done.stderr[-2000:]

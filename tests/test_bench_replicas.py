@@ -4,21 +4,13 @@ its own checks (one tick per persona, rows journaled == rows landed, every call 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from procs import ROOT
+from procs import run_tiny_bench
 
 
 def test_tiny_replica_bench_runs_and_its_checks_pass(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "bench/replicas.py", "--tiny", "--out", str(tmp_path), "--name", "t"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = run_tiny_bench("replicas.py", tmp_path, "t")
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads((tmp_path / "replicas-t.json").read_text())
     assert (tmp_path / "replicas-t.md").read_text().count("| ok |") == 2

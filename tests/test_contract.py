@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import Mana, open_runner
-from fake_anthropic import FakeAnthropic, default_brain
+from fake_anthropic import FakeAnthropic, asked_tool, default_brain
 from procs import ROOT
 
 from runner.agent.loop import MAX_RESULT_CHARS, Entry, RatingReply, ToolCall, ToolDef, Turn
@@ -217,13 +217,12 @@ async def test_the_anthropic_provider_completes_ticks_through_a_strict_messages_
     # The real surface carries no annotations: the policy offers every served tool (contract §5).
     assert offered == {n.replace(".", "_") for n in TOOL_NAMES} | {"submit_ratings"}
     assert all(x.body["system"][0].get("cache_control") for x in ok)
-    ratings = [x for x in ok if x.body.get("tool_choice", {}).get("type") == "tool"]
-    # The play tools are one cached prefix, shared by the rating request (its tool comes after).
-    assert all(x.body["tools"][-1].get("cache_control") for x in ok if x not in ratings)
-    assert all(
-        x.body["tools"][-2].get("cache_control") and x.body["tools"][-1]["name"] == "submit_ratings" for x in ratings
-    )
-    assert len(ratings) == 10
+    ratings = [x for x in ok if asked_tool(x.body) == "submit_ratings"]
+    # One tool list for every request, the rating's too: sorted, the rating tool last with the breakpoint.
+    assert all(x.body["tools"] == ok[0].body["tools"] for x in ok)
+    names = [t["name"] for t in ok[0].body["tools"]]
+    assert names == [*sorted(names[:-1]), "submit_ratings"] and ok[0].body["tools"][-1]["cache_control"]
+    assert len(ratings) == 10 and not any("tool_choice" in x.body for x in ok)
     # The action rows carry the MCP names and the hash of exactly what the model sent.
     sent = Counter(
         (b["name"].replace("_", ".", 1), input_hash(b["input"]))
@@ -250,7 +249,7 @@ async def test_invented_tools_and_prose_ratings_are_recorded_not_lost(
     mana: Mana, tmp_path: Path, fake_anthropic: FakeAnthropic
 ) -> None:
     def brain(body: dict[str, Any]) -> Any:
-        if body.get("tool_choice", {}).get("type") == "tool":
+        if asked_tool(body):
             return [{"type": "text", "text": "Ich gebe allem fünf Sterne!"}], "end_turn"
         if len(body["messages"]) == 1:
             return [

@@ -6,6 +6,7 @@ If these pass, other tests can trust that what the fake accepts the real API acc
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -190,13 +191,169 @@ async def test_more_than_four_cache_breakpoints_are_refused(client: anthropic.As
     assert err.value.api_message == "A maximum of 4 blocks with cache_control may be provided. Found 5."
 
 
+EPH: Any = {"type": "ephemeral"}
+# About 4,200 tokens at 4 characters each: above Haiku 4.5's minimum cacheable prefix (4,096).
+LONG = "Du bist Anna und planst deinen Tag. " * 470
+
+
+def _long_system(text: str = LONG, **cache: Any) -> Any:
+    return [{"type": "text", "text": text, "cache_control": {**EPH, **cache}}]
+
+
+class Clock:
+    """The fake's cache clock, moved by the test: lifetimes without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def clocked() -> AsyncIterator[tuple[FakeAnthropic, Clock, anthropic.AsyncAnthropic]]:
+    clock = Clock()
+    async with (
+        FakeAnthropic(clock=clock) as fake,
+        anthropic.AsyncAnthropic(api_key="k", base_url=fake.base_url, max_retries=0) as client,
+    ):
+        yield fake, clock, client
+
+
 async def test_prompt_cache_is_written_then_read(client: anthropic.AsyncAnthropic) -> None:
-    system: Any = [{"type": "text", "text": "Du bist Anna. " * 50, "cache_control": {"type": "ephemeral"}}]
-    first = await client.messages.create(model=MODEL, max_tokens=64, system=system, messages=[_user("a")])
-    second = await client.messages.create(model=MODEL, max_tokens=64, system=system, messages=[_user("b")])
+    first = await client.messages.create(model=MODEL, max_tokens=64, system=_long_system(), messages=[_user("a")])
+    second = await client.messages.create(model=MODEL, max_tokens=64, system=_long_system(), messages=[_user("b")])
     assert first.usage.cache_creation_input_tokens and not first.usage.cache_read_input_tokens
+    assert first.usage.cache_creation is not None
+    assert first.usage.cache_creation.ephemeral_5m_input_tokens == first.usage.cache_creation_input_tokens
     assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
     assert second.usage.cache_creation_input_tokens == 0
+    # input_tokens is the uncached part only: the message after the breakpoint.
+    assert 0 < second.usage.input_tokens == first.usage.input_tokens < 20
+
+
+async def test_below_the_models_minimum_nothing_is_cached_silently(client: anthropic.AsyncAnthropic) -> None:
+    # About 1,200 tokens: too short for Haiku 4.5 (4,096), long enough for Sonnet 4.5 (1,024).
+    system = _long_system(LONG[: 4 * 1200])
+    for _ in range(2):
+        haiku = await client.messages.create(model=MODEL, max_tokens=64, system=system, messages=[_user("a")])
+        assert haiku.usage.cache_creation_input_tokens == haiku.usage.cache_read_input_tokens == 0
+        assert haiku.usage.input_tokens > 1100
+    with pytest.warns(DeprecationWarning, match="claude-sonnet-4-5"):  # the SDK knows it retires on 2026-11-30
+        sonnet = [
+            await client.messages.create(model="claude-sonnet-4-5", max_tokens=64, system=system, messages=[_user("a")])
+            for _ in range(2)
+        ]
+    assert sonnet[0].usage.cache_creation_input_tokens > 1100 and sonnet[1].usage.cache_read_input_tokens > 1100
+
+
+async def test_an_unknown_model_is_refused(client: anthropic.AsyncAnthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError) as err:
+        await client.messages.create(model="claude-nonesuch-9", max_tokens=64, messages=[_user("a")])
+    assert err.value.api_message == "model: claude-nonesuch-9"
+
+
+async def test_entries_live_five_minutes_refreshed_by_each_hit_and_an_hour_when_asked(
+    clocked: tuple[FakeAnthropic, Clock, anthropic.AsyncAnthropic],
+) -> None:
+    fake, clock, client = clocked
+
+    async def usage(system: Any) -> anthropic.types.Usage:
+        return (await client.messages.create(model=MODEL, max_tokens=64, system=system, messages=[_user("a")])).usage
+
+    assert (await usage(_long_system())).cache_creation_input_tokens
+    clock.now += 299
+    assert (await usage(_long_system())).cache_read_input_tokens  # the hit refreshes the lifetime...
+    clock.now += 299
+    assert (await usage(_long_system())).cache_read_input_tokens  # ...so it is still there 598 s after the write
+    clock.now += 301
+    expired = await usage(_long_system())
+    assert expired.cache_read_input_tokens == 0 and expired.cache_creation_input_tokens
+    assert [w.read for w in fake.cache.writes] == [True, False]
+
+    other = _long_system(LONG + "Ein Tag mit einer Stunde Cache.", ttl="1h")
+    hour = await usage(other)
+    assert hour.cache_creation is not None and hour.cache_creation.ephemeral_1h_input_tokens > 4096
+    assert hour.cache_creation.ephemeral_5m_input_tokens == 0
+    clock.now += 3000
+    assert (await usage(other)).cache_read_input_tokens == hour.cache_creation_input_tokens
+
+
+async def test_an_entry_is_usable_only_once_the_response_that_wrote_it_has_started(
+    fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic
+) -> None:
+    # The first request's model does not answer until the second request has arrived: both find no entry.
+    arrived = asyncio.Event()
+
+    async def brain(body: dict[str, Any]) -> list[dict[str, Any]]:
+        if len(fake_anthropic.requests) < 2:
+            await arrived.wait()
+        arrived.set()
+        return [{"type": "text", "text": "Guten Morgen."}]
+
+    fake_anthropic.brain = brain
+
+    def ask() -> Any:
+        return client.messages.create(model=MODEL, max_tokens=64, system=_long_system(), messages=[_user("a")])
+
+    together = await asyncio.gather(ask(), ask())
+    assert [r.usage.cache_creation_input_tokens > 4096 for r in together] == [True, True]
+    assert [r.usage.cache_read_input_tokens for r in together] == [0, 0]
+    after = await ask()
+    assert after.usage.cache_read_input_tokens > 4096 and after.usage.cache_creation_input_tokens == 0
+    # Both paid the same write; one of the two entries was replaced before anyone read it.
+    assert sorted(w.read for w in fake_anthropic.cache.writes) == [False, True]
+
+
+async def test_the_prefix_is_the_bytes_sent_in_order_tools_then_system_then_messages(
+    client: anthropic.AsyncAnthropic,
+) -> None:
+    # The tool list alone is long enough to cache; its breakpoint sits on the last tool.
+    schema = {"type": "object", "properties": {"text": {"type": "string", "description": LONG}}}
+    tools: Any = [{**TOOLS[1]}, {"name": "note_add", "description": "Notiz", "input_schema": schema}]
+    tools[-1]["cache_control"] = EPH
+
+    async def usage(tools: Any, system: str) -> anthropic.types.Usage:
+        response = await client.messages.create(
+            model=MODEL, max_tokens=64, tools=tools, system=system, messages=[_user("a")]
+        )
+        return response.usage
+
+    written = (await usage(tools, "Anna")).cache_creation_input_tokens
+    assert written > 4096
+    assert (await usage(tools, "Bert")).cache_read_input_tokens == written  # the system comes after: shared
+    reordered_keys = {"properties": schema["properties"], "type": "object"}
+    reordered: Any = [tools[0], {**tools[1], "input_schema": reordered_keys}]
+    assert (await usage(reordered, "Anna")).cache_read_input_tokens == 0  # same schema, keys in another order
+    swapped: Any = [{**tools[1], "cache_control": None}, {**tools[0], "cache_control": EPH}]
+    assert (await usage(swapped, "Anna")).cache_read_input_tokens == 0  # same tools, another order
+
+
+async def test_a_breakpoint_finds_an_entry_up_to_twenty_blocks_back_and_tool_choice_counts_for_messages(
+    client: anthropic.AsyncAnthropic,
+) -> None:
+    def conversation(turns: int) -> Any:
+        messages: Any = [{"role": "user", "content": [{"type": "text", "text": LONG}]}]
+        for k in range(turns):
+            messages += [
+                {"role": "assistant", "content": [{"type": "text", "text": f"Antwort {k}"}]},
+                {"role": "user", "content": [{"type": "text", "text": f"Frage {k}"}]},
+            ]
+        messages[-1]["content"][-1]["cache_control"] = EPH
+        return messages
+
+    async def usage(messages: Any, **extra: Any) -> anthropic.types.Usage:
+        response = await client.messages.create(model=MODEL, max_tokens=64, tools=TOOLS, messages=messages, **extra)
+        return response.usage
+
+    first = await usage(conversation(0))
+    assert first.cache_creation_input_tokens > 4096
+    # The entry sits on block 3 (after 3 tools): a breakpoint 20 blocks later (block 23) misses it,
+    # one 18 blocks later (block 21) finds it.
+    assert (await usage(conversation(10))).cache_read_input_tokens == 0
+    assert (await usage(conversation(9))).cache_read_input_tokens == first.cache_creation_input_tokens
+    # A forced tool choice is another message prefix.
+    assert (await usage(conversation(0), tool_choice={"type": "any"})).cache_read_input_tokens == 0
 
 
 async def test_brain_can_be_replaced(fake_anthropic: FakeAnthropic, client: anthropic.AsyncAnthropic) -> None:

@@ -46,13 +46,14 @@ def test_dockerfile_install_and_start_in_a_fresh_venv(tmp_path: Path) -> None:
     env: dict[str, str] = {}
     for keyword, rest in steps:
         if keyword == "COPY":
-            *sources, _dest = shlex.split(rest)
+            *sources, dest = shlex.split(rest)
             for source in sources:
                 src = ROOT / source
                 if src.is_dir():
                     shutil.copytree(src, app / source, ignore=shutil.ignore_patterns("__pycache__"))
                 else:
-                    shutil.copy2(src, app / Path(source).name)
+                    (app / dest).mkdir(parents=True, exist_ok=True)  # file sources all go into a directory
+                    shutil.copy2(src, app / dest / Path(source).name)
         elif keyword == "ENV":
             for pair in shlex.split(rest):
                 key, _, value = pair.partition("=")
@@ -70,7 +71,10 @@ def test_dockerfile_install_and_start_in_a_fresh_venv(tmp_path: Path) -> None:
     sandbox = start_sandbox(tmp_path, seed_secret="docker-seed-secret", service_key="docker-service-key")
     try:
         environment = runner_env(sandbox, tmp_path / "data" / "runner.db")
-        environment.update({k: v for k, v in env.items() if k not in ("RUNNER_STATE_PATH", "PORT")})
+        # The image's /app is this test's app directory.
+        environment.update(
+            {k: re.sub(r"^/app/", f"{app}/", v) for k, v in env.items() if k not in ("RUNNER_STATE_PATH", "PORT")}
+        )
         cmd = tuple(json.loads(dict(steps)["CMD"]))
         assert cmd[:3] == ("python", "-m", "runner")
         runner = start_runner(environment, tmp_path / "runner.log", args=cmd[3:], python=python, cwd=tmp_path)

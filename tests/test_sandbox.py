@@ -69,10 +69,18 @@ async def login(http: httpx.AsyncClient, sb: Sandbox, email: str, password: str 
     return await http.post(f"{sb.auth_url}/api/v1/auth/login", json={"email": email, "password": password})
 
 
-async def jwt_for(http: httpx.AsyncClient, sb: Sandbox, email: str) -> str:
+async def jwt_for(http: httpx.AsyncClient, sb: Sandbox, email: str, *, vault: bool = True) -> str:
+    """A persona's JWT; with `vault`, after creating its encryption vault, as the web app (and the runner) do
+    at a first login: without one every tool with encrypted fields fails (contract §9)."""
     response = await login(http, sb, email)
     assert response.status_code == 200, response.text
-    return str(response.json()["accessToken"])
+    token = str(response.json()["accessToken"])
+    if vault:
+        init = await http.post(
+            f"{sb.auth_url}/api/v1/me/encryption-vault/init", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert init.status_code == 200, init.text
+    return token
 
 
 @asynccontextmanager

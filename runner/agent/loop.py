@@ -44,12 +44,17 @@ class Usage:
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    # Priced by the provider, which knows its model and that model's row of the price table.
+    cost_usd: float = 0.0
+    model: str = ""
 
     def add(self, other: Usage) -> None:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cache_creation_input_tokens += other.cache_creation_input_tokens
         self.cache_read_input_tokens += other.cache_read_input_tokens
+        self.cost_usd += other.cost_usd
+        self.model = other.model or self.model
 
     def by_kind(self) -> dict[str, int]:
         return {

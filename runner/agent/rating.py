@@ -13,7 +13,9 @@ MAX_NOTES_CHARS = 500
 
 
 def rating_schema(modules: list[str]) -> dict[str, Any]:
-    """A forced tool call with this schema cannot come back as prose."""
+    """The rating tool's input: a structured answer, not prose to parse. `modules` are the values a
+    rating may name (the Anthropic provider lists every module offered, so the schema is the same
+    for every persona and stays in the shared cached prefix)."""
     return {
         "type": "object",
         "properties": {

@@ -4,7 +4,7 @@ One package, a module per concern, each a part of `Journal`:
   store.py       opening the database, its owner lock, one write transaction, the database clock
   ticks.py       the write path of a tick: claim, lease, calls, ratings, seal; recovery; pruning
   batches.py     the outbox's batches and their delivery state
-  remembered.py  what is kept per persona across ticks: login blocks, personal spaces
+  remembered.py  what is kept per persona across ticks: login blocks, personal spaces, vaults
   rollup.py      the report's read model (daily rollup, findings), written as each tick is sealed
   polls.py       each replica's last poll, for `python -m runner status`
 

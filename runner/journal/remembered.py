@@ -1,12 +1,14 @@
-"""What the journal remembers per persona across ticks: refused logins and personal spaces."""
+"""What the journal remembers per persona across ticks: refused logins, personal spaces, vaults."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import sqlalchemy as sa
 
 from runner.journal.store import Store
 from runner.persona import clean_text
-from runner.schema import login_blocks, personal_spaces
+from runner.schema import login_blocks, persona_vaults, personal_spaces
 
 
 class Remembered(Store):
@@ -67,3 +69,13 @@ class Remembered(Store):
         """Mana refused the remembered space: the next tick looks it up again."""
         async with self._write() as conn:
             await conn.execute(personal_spaces.delete().where(personal_spaces.c.persona_id == persona_id))
+
+    async def vault_known(self, persona_id: str) -> bool:
+        async with self._engine.connect() as conn:
+            found = await conn.scalar(sa.select(persona_vaults.c.how).where(persona_vaults.c.persona_id == persona_id))
+            return found is not None
+
+    async def remember_vault(self, persona_id: str, how: Literal["found", "created"]) -> None:
+        async with self._write() as conn:
+            now = await self._now(conn)
+            await self._upsert(conn, persona_vaults, {"persona_id": persona_id, "how": how, "at": now})

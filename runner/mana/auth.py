@@ -1,17 +1,19 @@
-"""mana-auth: log a persona in and find its personal space (contract §3).
+"""mana-auth: sign-ins, the space list and the encryption vault, for any persona (contract §3, §9).
 
-Two facts of the real service shape this module:
+Facts of the real service that shape this module:
 - Its space list (`GET /api/auth/organization/list`) refuses `Authorization: Bearer <JWT>` today;
   only Better Auth's signed session cookie, set by `POST /api/auth/sign-in/email`, opens it. The
   client tries Bearer once per process and, when refused, uses the cookie from then on.
 - Sign-ins are rate-limited per client IP (3 per 10 s, both login endpoints counting, the 429
   without Retry-After). One `LoginLimiter` per process paces every sign-in of every tick.
+- Better Auth refuses a non-GET request that carries a cookie without a trusted `Origin`
+  (its origin check): a sign-in is sent no cookie, and a request with a persona's cookie
+  carries that cookie alone and mana-auth's own origin (`MANA_AUTH_ORIGIN` overrides it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,13 +24,24 @@ from typing import Any, Literal
 import httpx
 
 from runner.log import get_logger
-from runner.mana.errors import ApiError, ManaError, PermanentError, RetryPolicy, fetch, parse_json, request_json
+from runner.mana.errors import (
+    ApiError,
+    ManaError,
+    PermanentError,
+    RetryPolicy,
+    fetch,
+    parse_json,
+    request_json,
+    status_only,
+)
 
 log = get_logger("runner.mana.auth")
 
 # Mana's own envelope says INVALID_CREDENTIALS; Better Auth's own sign-in says INVALID_EMAIL_OR_PASSWORD.
 WRONG_PASSWORD_CODES = frozenset({"INVALID_CREDENTIALS", "INVALID_EMAIL_OR_PASSWORD"})
 SESSION_COOKIE_SUFFIX = "session_token"  # Better Auth names it `<prefix>.session_token` (Mana: mana.session_token)
+VAULT_PATH = "/api/v1/me/encryption-vault"  # JWT-authenticated, per user (contract §9)
+VAULT_MISSING = "VAULT_NOT_INITIALISED"
 
 # Pauses the caller's own clock (the tick's timeout) while it waits for a login slot.
 WaitHook = Callable[[], AbstractAsyncContextManager[None]]
@@ -132,18 +145,29 @@ class Space:
     via: SpaceVia
 
 
-def _refuse_all_cookies() -> httpx.Cookies:
-    # A shared client must never carry one persona's session cookie into another persona's request.
-    return httpx.Cookies(http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])))
-
-
 class AuthClient:
+    """mana-auth's routes, for any persona; it holds no credential of its own.
+
+    Every credential comes in as an argument from the persona's own session and goes out on that
+    one request (runner/session.py). The HTTP client is shared by every persona and keeps no
+    cookies (runner/mana/http.py), so nothing one persona was given reaches another's request.
+    What it does hold are facts about the server: whether the space list takes Bearer, and the
+    sign-in pace that Mana counts per client IP.
+    """
+
     def __init__(
-        self, client: httpx.AsyncClient, base_url: str, policy: RetryPolicy, limiter: LoginLimiter | None = None
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        policy: RetryPolicy,
+        limiter: LoginLimiter | None = None,
+        origin: str | None = None,
     ) -> None:
         self._client = client
-        client.cookies = _refuse_all_cookies()
         self._base = base_url.rstrip("/")
+        # Better Auth refuses a cookie-bearing request without a trusted Origin; its own base URL is trusted.
+        url = httpx.URL(self._base)
+        self._origin = origin or f"{url.scheme}://{url.netloc.decode('ascii')}"
         self._policy = policy
         self.limiter = limiter or LoginLimiter(3, 10.0)
         # Does the space list take Bearer? Unknown until asked once; the answer holds for the process.
@@ -151,6 +175,7 @@ class AuthClient:
         self._probe = asyncio.Lock()
 
     async def login(self, email: str, password: str, *, waiting: WaitHook | None = None) -> Login:
+        """Mana's own login: the JWT. It sets no cookie and is sent none."""
         response, raw = await self._sign_in("/api/v1/auth/login", email, password, "login", waiting)
         body = parse_json(raw, response.status_code, "login")
         token = body.get("accessToken") if isinstance(body, dict) else None
@@ -163,26 +188,30 @@ class AuthClient:
         user_id = user.get("id") if isinstance(user, dict) else None
         return Login(user_id=str(user_id or ""), access_token=token)
 
-    async def personal_space(
-        self, login: Login, email: str, password: str, *, waiting: WaitHook | None = None
-    ) -> Space:
-        """The persona's personal space: by Bearer where the list takes it, else by session cookie."""
-        if self.bearer_accepted is not False:
-            # Only the first ticks of a process queue here; after that the answer is known.
-            async with self._probe if self.bearer_accepted is None else nullcontext():
-                spaces = await self._by_bearer(login)
-            if spaces is not None:
-                return Space(_pick_personal(spaces), "bearer")
-        return await self.space_by_cookie(email, password, waiting=waiting)
+    async def session_cookie(self, email: str, password: str, *, waiting: WaitHook | None = None) -> str:
+        """`name=value` of Better Auth's signed session cookie, from its own sign-in (sent no cookie)."""
+        response, _ = await self._sign_in("/api/auth/sign-in/email", email, password, "signin", waiting)
+        for header in response.headers.get_list("set-cookie"):
+            pair = header.split(";", 1)[0].strip()
+            name, _, value = pair.partition("=")
+            if name.endswith(SESSION_COOKIE_SUFFIX) and value:
+                return pair  # sent back verbatim: the value is already URL-encoded as the server signed it
+        raise PermanentError("signin: answer set no session cookie", stage="signin")
 
-    async def space_by_cookie(self, email: str, password: str, *, waiting: WaitHook | None = None) -> Space:
-        """Better Auth's sign-in for its session cookie, then the space list with that cookie."""
-        cookie = await self._session_cookie(email, password, waiting)
-        return Space(_pick_personal(await self._spaces({"Cookie": cookie})), "cookie")
+    def with_cookie(self, cookie: str) -> dict[str, str]:
+        """The headers of a request that carries one persona's cookie: that cookie alone, and the trusted Origin."""
+        return {"Cookie": cookie, "Origin": self._origin}
 
-    async def _by_bearer(self, login: Login) -> list[Any] | None:
-        """The space list by Bearer; None once the route is known to refuse it."""
+    async def spaces_by_bearer(self, login: Login) -> list[Any] | None:
+        """The space list by Bearer; None when the route does not take Bearer (learnt once per process)."""
         if self.bearer_accepted is False:
+            return None
+        # Only the first ticks of a process queue here; after that the answer is known.
+        async with self._probe if self.bearer_accepted is None else nullcontext():
+            return await self._ask_by_bearer(login)
+
+    async def _ask_by_bearer(self, login: Login) -> list[Any] | None:
+        if self.bearer_accepted is False:  # learnt while this tick queued for the probe
             return None
         try:
             spaces = await self._spaces({"Authorization": f"Bearer {login.access_token}"})
@@ -200,20 +229,40 @@ class AuthClient:
         self.bearer_accepted = True
         return spaces
 
-    async def _session_cookie(self, email: str, password: str, waiting: WaitHook | None) -> str:
-        """`name=value` of Better Auth's signed session cookie, from its own sign-in."""
-        response, _ = await self._sign_in("/api/auth/sign-in/email", email, password, "signin", waiting)
-        for header in response.headers.get_list("set-cookie"):
-            pair = header.split(";", 1)[0].strip()
-            name, _, value = pair.partition("=")
-            if name.endswith(SESSION_COOKIE_SUFFIX) and value:
-                return pair  # sent back verbatim: the value is already URL-encoded as the server signed it
-        raise PermanentError("signin: answer set no session cookie", stage="signin")
+    async def spaces_by_cookie(self, cookie: str) -> list[Any]:
+        return await self._spaces(self.with_cookie(cookie))
+
+    async def vault_exists(self, login: Login) -> bool:
+        """Whether the persona has an encryption vault (contract §9); its key's answer is never read."""
+        url = f"{self._base}{VAULT_PATH}/key"
+        headers = {"Authorization": f"Bearer {login.access_token}"}
+
+        async def attempt() -> bool:
+            try:
+                await status_only(self._client, "GET", url, stage="vault", headers=headers)
+            except ApiError as exc:
+                if exc.status == 404 and exc.code == VAULT_MISSING:
+                    return False
+                raise
+            return True
+
+        return await self._policy.run(attempt)
+
+    async def init_vault(self, login: Login) -> None:
+        """Create the vault as Mana's web app does at a first login (idempotent on Mana's side)."""
+        url = f"{self._base}{VAULT_PATH}/init"
+        headers = {"Authorization": f"Bearer {login.access_token}"}
+
+        async def attempt() -> None:
+            # Only the status: the answer is the master key, which the runner has no use for.
+            await status_only(self._client, "POST", url, stage="vault", headers=headers)
+
+        await self._policy.run(attempt)
 
     async def _sign_in(
         self, path: str, email: str, password: str, stage: str, waiting: WaitHook | None
     ) -> tuple[httpx.Response, bytes]:
-        """One sign-in, paced by the process-wide limiter; retried by the one retry rule."""
+        """One sign-in, paced by the process-wide limiter; retried by the one retry rule. No cookie goes with it."""
 
         async def attempt() -> tuple[httpx.Response, bytes]:
             try:
@@ -244,7 +293,7 @@ class AuthClient:
         return spaces
 
 
-def _pick_personal(spaces: list[Any]) -> str:
+def personal_space_of(spaces: list[Any]) -> str:
     for space in spaces:
         if isinstance(space, dict) and _space_type(space.get("metadata")) == "personal":
             space_id = space.get("id")
@@ -263,4 +312,13 @@ def _space_type(metadata: Any) -> str | None:
     return metadata.get("type") if isinstance(metadata, dict) else None
 
 
-__all__ = ["AuthClient", "Login", "LoginLimiter", "ManaError", "Space", "WaitHook", "is_wrong_password"]
+__all__ = [
+    "AuthClient",
+    "Login",
+    "LoginLimiter",
+    "ManaError",
+    "Space",
+    "WaitHook",
+    "is_wrong_password",
+    "personal_space_of",
+]

@@ -133,10 +133,12 @@ def error_from_response(response: httpx.Response, stage: str, raw: bytes) -> Api
         body = None
     if isinstance(body, dict):
         # Mana's envelope names the code `error` (the personas API's own refusals carry it, a
-        # proxy's page does not); Better Auth's own routes name it `code`.
+        # proxy's page does not); Better Auth's own routes name it `code`; the vault routes send
+        # both, with the words in `error` and the code in `code`.
         envelope = isinstance(body.get("error"), str)
-        code = str(body.get("error") or body.get("code") or "")
-        message = str(body.get("message", ""))[:200]
+        named = isinstance(body.get("code"), str) and body["code"]
+        code = str(body["code"] if named else body.get("error") or "")
+        message = str(body.get("message") or (body.get("error") if named else "") or "")[:200]
         if retry_after is None and isinstance(body.get("retryAfterSec"), (int, float)):
             retry_after = max(0.0, min(float(body["retryAfterSec"]), 86_400.0))
     return ApiError(
@@ -165,10 +167,14 @@ async def fetch(
 
     At most `max_bytes` of an answer are read: a 500 MB body is refused, never buffered.
     """
+    status = 0
     try:
         async with client.stream(method, url, **kwargs) as response:
-            ok = response.status_code < 300
+            status = response.status_code
+            ok = status < 300
             raw, whole = await read_bounded(response, max_bytes if ok else MAX_ERROR_BODY_BYTES)
+    except httpx.DecodingError as exc:
+        raise undecodable(status, stage) from exc
     except httpx.TransportError as exc:
         raise TransportError(f"{stage}: {type(exc).__name__}", stage=stage) from exc
     if not ok:
@@ -176,6 +182,32 @@ async def fetch(
     if not whole:
         raise ApiError(response.status_code, "TOO_LARGE", f"answer exceeds {max_bytes} bytes", stage=stage)
     return response, raw
+
+
+async def status_only(client: httpx.AsyncClient, method: str, url: str, *, stage: str, **kwargs: Any) -> httpx.Response:
+    """One exchange whose 2xx body is never read (the connection is closed instead); a refusal raised typed.
+
+    For answers whose body is of no use or should not be held: a readiness probe's `/due`, the
+    master key a vault check answers with.
+    """
+    status = 0
+    try:
+        async with client.stream(method, url, **kwargs) as response:
+            status = response.status_code
+            if status >= 300:
+                raw, _ = await read_bounded(response, MAX_ERROR_BODY_BYTES)
+                raise error_from_response(response, stage, raw)
+            return response
+    except httpx.DecodingError as exc:
+        raise undecodable(status, stage) from exc
+    except httpx.TransportError as exc:
+        raise TransportError(f"{stage}: {type(exc).__name__}", stage=stage) from exc
+
+
+def undecodable(status: int, stage: str) -> ApiError:
+    """A body its own Content-Encoding cannot undo (`gzip` that is not gzip): a bad answer, never a crash."""
+    why = "answer could not be decoded (its Content-Encoding does not match)"
+    return ApiError(status, "BAD_BODY", why, stage=stage)
 
 
 def parse_json(raw: bytes, status: int, stage: str) -> Any:

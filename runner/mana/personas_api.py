@@ -10,12 +10,10 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from runner.mana.errors import RetryPolicy, TransportError, error_from_response, read_bounded, request_json
+from runner.mana.errors import RetryPolicy, request_json, status_only
 from runner.persona import DuePersona
 
 BatchKind = Literal["actions", "feedback"]
-# A readiness probe reads at most this much of a refusal: enough for the API's error envelope.
-PING_ERROR_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +114,7 @@ class PersonasApi:
         looked at: the body is never read (the connection is closed instead), so a probe costs
         the server one query and the runner no transfer.
         """
-        try:
-            async with self._client.stream("GET", f"{self._base}/due", headers=self._headers) as response:
-                if response.status_code >= 300:
-                    raw, _ = await read_bounded(response, PING_ERROR_BYTES)
-                    raise error_from_response(response, "ready", raw)
-        except httpx.TransportError as exc:
-            raise TransportError(f"ready: {type(exc).__name__}", stage="ready") from exc
+        await status_only(self._client, "GET", f"{self._base}/due", headers=self._headers, stage="ready")
 
 
 def _server_time(body: Any) -> datetime:

@@ -35,6 +35,7 @@ from runner.sandbox.mcp_server import (
 )
 from runner.sandbox.personas_api import LEGACY_BASE_PATH, PersonasApi
 from runner.sandbox.store import EXTRA_SPACES, Clock, Faults, Store
+from runner.sandbox.witness import Witness
 
 DEFAULT_PERSONAS_FILE = Path(__file__).with_name("personas.json")  # package data: works installed, too
 
@@ -104,10 +105,10 @@ class Sandbox:
             signin_limit=cfg.signin_limit,
         )
         personas = PersonasApi(store, clock, faults, cfg.service_key)
-        auth_app = auth.app([personas.mount(LEGACY_BASE_PATH)])
+        auth_app = Witness(auth.app([personas.mount(LEGACY_BASE_PATH)]), "auth", store, auth)
         options = McpOptions(cfg.mcp_surface, cfg.policy_mode, frozenset(cfg.failing_tools), cfg.session_jwt)
         mcp = McpState(options, ToolFaults(options.failing_tools))
-        api_app = Starlette(routes=[personas.mount(), control_mount(store, auth, mcp)])
+        api_app = Witness(Starlette(routes=[personas.mount(), control_mount(store, auth, mcp)]), "api", store, auth)
         mcp_app = build_mcp_app(store, clock, faults, auth, cfg.host, mcp)
         try:
             self.auth_url = await self._serve(auth_app, cfg.auth_port)

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from runner.persona import DEV_SEED_SECRET
 from runner.sandbox import Sandbox, SandboxConfig, SignInLimit
@@ -50,6 +51,7 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
         help="Better Auth's sign-in limit: auto = only requests with X-Forwarded-For (production behind a proxy)",
     )
     parser.add_argument("--signin-rate", default="3/10s", help="sign-ins per window and client IP, e.g. 3/10s")
+    parser.add_argument("--personas-file", type=Path, default=None, help="the cast to seed a new database with (JSON)")
     args = parser.parse_args(argv)
     failing = frozenset(t.strip() for t in args.failing_tools.split(",") if t.strip())
     known = {t["name"] for t in load_tools()[0]}
@@ -75,6 +77,7 @@ def _parse(argv: list[str] | None) -> SandboxConfig:
         failing_tools=failing,
         spaces_accept_bearer=args.spaces_accept_bearer,
         signin_limit=SignInLimit(args.signin_rate_limit, count, window),
+        **({"personas_file": args.personas_file} if args.personas_file is not None else {}),
     )
 
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -33,6 +33,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner.sandbox.store import Clock, Faults, Store, error_response, new_opaque_id, persona_options
 
@@ -45,6 +46,19 @@ COOKIE_NAME = "mana.session_token"  # Better Auth's `<cookiePrefix>.session_toke
 RATE_LIMITED_MESSAGE = "Too many requests. Please try again later."
 WRONG_PASSWORD_MESSAGE = "Invalid email or password"
 PERSONA_TIER = "founder"  # scripts/personas seeds personas with access_tier 'founder'
+
+# services/mana-auth/src/auth/sso-origins.ts; mana-auth's own base URL is trusted as well.
+TRUSTED_ORIGINS = (
+    "https://mana.how",
+    "https://auth.mana.how",
+    "https://whopxl.mana.how",
+    "http://localhost:3001",
+    "http://localhost:5173",
+)
+VAULT_PATH = "/api/v1/me/encryption-vault"
+# services/mana-auth/src/routes/encryption-vault.ts, for a user without a vault row.
+VAULT_MISSING_BODY = {"error": "vault not initialised", "code": "VAULT_NOT_INITIALISED"}
+VAULT_MISSING_TEXT = json.dumps(VAULT_MISSING_BODY, separators=(",", ":"))  # as Hono's c.json writes it
 
 RateLimitMode = Literal["auto", "on", "off"]
 
@@ -134,8 +148,14 @@ class AuthService:
 
     def session_from_cookie(self, request: Request) -> _Session | None:
         raw = request.cookies.get(COOKIE_NAME)
-        if not raw:
-            return None
+        return self._session_of(raw) if raw else None
+
+    def cookie_owner(self, raw: str) -> str | None:
+        """The user a signed session cookie value belongs to (the witness names owners, never values)."""
+        session = self._session_of(raw)
+        return session.user_id if session is not None else None
+
+    def _session_of(self, raw: str) -> _Session | None:
         token, dot, signature = unquote(raw).rpartition(".")
         # better-call accepts only a 44-character standard-base64 signature ending in '='.
         if not dot or len(signature) != 44 or not signature.endswith("="):
@@ -324,20 +344,55 @@ class AuthService:
             )
         return JSONResponse(spaces)
 
+    def origin_refusal(self, request: Request) -> Response | None:
+        """Better Auth 1.6.0's origin check (api/middlewares/origin-check).
+
+        A request other than GET, HEAD or OPTIONS that carries a Cookie header must name a trusted
+        Origin (or Referer); without a cookie none is checked.
+        """
+        if request.method in ("GET", "HEAD", "OPTIONS") or "cookie" not in request.headers:
+            return None
+        origin = request.headers.get("origin") or request.headers.get("referer") or ""
+        if not origin or origin == "null":
+            return _better_auth_error(403, "MISSING_OR_NULL_ORIGIN", "Missing or null Origin")
+        if _origin_of(origin) not in (self.issuer, *TRUSTED_ORIGINS):
+            return _better_auth_error(403, "INVALID_ORIGIN", "Invalid origin")
+        return None
+
+    async def vault_key(self, request: Request) -> Response:
+        """`GET /api/v1/me/encryption-vault/key` (JWT): the master key, or 404 for a user without a vault."""
+        user_id = self.user_from_bearer(request)
+        if user_id is None:
+            return error_response(401, "UNAUTHORIZED", "Invalid or expired token")
+        key = self.store.vault_key(user_id)
+        if key is None:
+            return JSONResponse(VAULT_MISSING_BODY, status_code=404)
+        return JSONResponse({"masterKey": key, "formatVersion": 1, "kekId": "sandbox-kek"})
+
+    async def vault_init(self, request: Request) -> Response:
+        """`POST /api/v1/me/encryption-vault/init` (JWT): idempotent, answers the (new or existing) key."""
+        user_id = self.user_from_bearer(request)
+        if user_id is None:
+            return error_response(401, "UNAUTHORIZED", "Invalid or expired token")
+        key = self.store.create_vault(user_id, self.clock.now())
+        return JSONResponse({"masterKey": key, "formatVersion": 1, "kekId": "sandbox-kek"})
+
     async def jwks(self, request: Request) -> Response:
         key = json.loads(OKPAlgorithm.to_jwk(self._key.public_key()))
         return JSONResponse({"keys": [{**key, "kid": self._kid, "alg": "EdDSA"}]})
 
-    def app(self, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+    def app(self, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
         routes: list[BaseRoute] = [
             Route("/api/v1/auth/login", self.login, methods=["POST"]),
             Route("/api/v1/auth/refresh", self.refresh, methods=["POST"]),
             Route("/api/auth/sign-in/email", self.sign_in_email, methods=["POST"]),
             Route("/api/auth/organization/list", self.organizations, methods=["GET"]),
             Route("/api/auth/jwks", self.jwks, methods=["GET"]),
+            Route(f"{VAULT_PATH}/key", self.vault_key, methods=["GET"]),
+            Route(f"{VAULT_PATH}/init", self.vault_init, methods=["POST"]),
             Route("/health", _health, methods=["GET"]),
         ]
-        return Starlette(routes=routes + (extra_routes or []))
+        return _OriginCheck(Starlette(routes=routes + (extra_routes or [])), self)
 
     def jwt_claims(self, token: str, *, verify_exp: bool = True) -> dict[str, Any] | None:
         """The claims of an access token signed here (expired ones too when verify_exp is False); None otherwise."""
@@ -352,6 +407,27 @@ class AuthService:
         except jwt.PyJWTError:
             return None
         return claims
+
+
+class _OriginCheck:
+    """Better Auth's middleware runs before every one of its endpoints (`/api/auth/*`), not Mana's own routes."""
+
+    def __init__(self, app: ASGIApp, auth: AuthService) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/auth/"):
+            refusal = self.auth.origin_refusal(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _origin_of(value: str) -> str:
+    """scheme://host[:port] of an Origin or a Referer (a Referer carries a path)."""
+    parts = urlsplit(value)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else value
 
 
 def _user(persona: dict[str, Any]) -> dict[str, Any]:

@@ -98,6 +98,16 @@ def control_mount(store: Store, auth: AuthService, mcp: McpState) -> Mount:
             row["isError"] = bool(row["isError"])
         return JSONResponse(rows)
 
+    async def requests(request: Request) -> Response:
+        """What each service received (runner/sandbox/witness.py): credentials by owner, never by value."""
+        rows = store.query(
+            "SELECT service, method, path, origin, session_cookies AS sessionCookies, owners, status, traceparent, at"
+            " FROM requests ORDER BY seq"
+        )
+        for row in rows:
+            row["owners"] = json.loads(row["owners"])
+        return JSONResponse(rows)
+
     async def logins(request: Request) -> Response:
         rows = store.query("SELECT email, outcome, at, route, real_at AS realAt FROM logins ORDER BY seq")
         return JSONResponse(rows)
@@ -192,6 +202,7 @@ def control_mount(store: Store, auth: AuthService, mcp: McpState) -> Mount:
             Route("/feedback", feedback, methods=["GET"]),
             Route("/mcp-calls", mcp_calls, methods=["GET"]),
             Route("/logins", logins, methods=["GET"]),
+            Route("/requests", requests, methods=["GET"]),
             Route("/personas", personas, methods=["GET"]),
             Route("/personas", create_persona, methods=["POST"]),
             Route("/personas/{id}", delete_persona, methods=["DELETE"]),

@@ -5,7 +5,8 @@ field names, defaults, filters and error texts, with mana-sync's pull/push repla
 `Store.records` / `put_record` / `patch_record`. What the sandbox cannot model:
 - the picture service (`/api/v1/picture/generate-with-reference`): the four tools that call it fail
   there with the registry's own prefix and a sandbox reason (`PICTURE_UNAVAILABLE`);
-- encryption: rows are stored in plaintext (the registry decrypts before returning anyway).
+- encryption: rows are stored in plaintext (the registry decrypts before returning anyway), but a
+  tool with encrypted fields fails as the registry's does when the user has no vault (contract §9).
 Downstream calls use the JWT that opened the MCP session: when it has expired, the first call a
 handler makes fails as mana-sync / mana-auth answer an expired token.
 """
@@ -85,12 +86,14 @@ def handler(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def load_tools(path: Path = TOOLS_FILE) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The served tools (exactly as the real gateway's tools/list) and each one's policyHint."""
+def load_tools(path: Path = TOOLS_FILE) -> tuple[list[dict[str, Any]], dict[str, str], frozenset[str]]:
+    """The served tools (exactly as the real gateway's tools/list), each one's policyHint, and the tools
+    with encrypted fields: their handlers fetch the user's master key (`ctx.getMasterKey()`) first."""
     data = json.loads(path.read_text(encoding="utf-8"))
     tools = [dict(t) for t in data["tools"]]
     hints = {name: str(entry["policyHint"]) for name, entry in data["registry"].items()}
-    return tools, hints
+    encrypting = frozenset(name for name, entry in data["registry"].items() if entry.get("encryptedFields"))
+    return tools, hints, encrypting
 
 
 def _today(ctx: ToolContext) -> str:

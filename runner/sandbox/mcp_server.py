@@ -28,9 +28,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner.sandbox.auth import AuthService
+from runner.sandbox.auth import VAULT_MISSING_TEXT, AuthService
 from runner.sandbox.mana_tools import BAIT_TOOL, HANDLERS, HandlerError, ToolContext, load_tools
 from runner.sandbox.store import Clock, Faults, Store, iso
+from runner.sandbox.witness import Witness, read_body, replay
 from runner.sandbox.zod_issues import strip_and_default, validation_error_text
 
 PolicyMode = Literal["off", "log-only", "enforce"]
@@ -200,13 +201,13 @@ class Gateway:
             if scope["method"] != "POST":
                 await _refuse(400, "Bad request")(scope, receive, send)
                 return
-            body = await _read_body(receive)
+            body = await read_body(receive)
             if not _is_initialize(body):
                 not_initialized = {"code": -32000, "message": "Bad Request: Server not initialized"}
                 answer = JSONResponse({"jsonrpc": "2.0", "error": not_initialized, "id": None}, status_code=400)
                 await answer(scope, receive, send)
                 return
-            receive = _replay(body, receive)
+            receive = replay(body, receive)
         scope[_SCOPE_KEY] = _Caller(user_id, space_id, token, session_id)
 
         async def remember_session(message: Message) -> None:
@@ -223,31 +224,6 @@ class Gateway:
         if self.auth.jwt_claims(token, verify_exp=False) is not None:
             return '"exp" claim timestamp check failed'
         return "Invalid Compact JWS" if token.count(".") != 2 else "signature verification failed"
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks)
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The body once more, then the connection's own messages (a disconnect must still be seen)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
 
 
 def _is_initialize(body: bytes) -> bool:
@@ -298,7 +274,7 @@ class ToolCalls:
         self, store: Store, clock: Clock, auth: AuthService, state: McpState, sessions: dict[str, Session]
     ) -> None:
         self.store, self.clock, self.auth, self.state, self.sessions = store, clock, auth, state, sessions
-        served, self.hints = load_tools()
+        served, self.hints, self.encrypting = load_tools()
         if state.options.surface == "annotated":
             served = [*served, _BAIT]
             self.hints = {**self.hints, BAIT_TOOL: "destructive"}
@@ -364,6 +340,9 @@ class ToolCalls:
         try:
             if (message := self.state.faults.failure(name)) is not None:
                 raise HandlerError(message)
+            if name in self.encrypting and self.store.vault_key(caller.user_id) is None:
+                # The registry's MasterKeyClient: GET /encryption-vault/key with the user's JWT, 404 without a vault.
+                raise HandlerError(f"mana-auth /encryption-vault/key failed: HTTP 404 — {VAULT_MISSING_TEXT}")
             result = _js(HANDLERS[name](parsed, ctx))
         except Exception as exc:  # noqa: BLE001 - the real adapter turns any handler error into this text
             return _text(f"Tool {name} failed: {exc}", is_error=True)
@@ -406,4 +385,10 @@ def build_mcp_app(store: Store, clock: Clock, faults: Faults, auth: AuthService,
     sessions: dict[str, Session] = {}
     calls = ToolCalls(store, clock, auth, state, sessions)
     server: Server[Any] = Server("mana", version="0.1.0", on_list_tools=calls.list_tools, on_call_tool=calls.call)
-    return Gateway(server.streamable_http_app(host=host), auth, faults, state, sessions)
+    gateway = Gateway(server.streamable_http_app(host=host), auth, faults, state, sessions)
+
+    def session_owner(session_id: str) -> str | None:
+        session = sessions.get(session_id)
+        return session.user_id if session is not None else None
+
+    return Witness(gateway, "mcp", store, auth, session_owner)

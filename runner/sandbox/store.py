@@ -6,6 +6,7 @@ event loop, and a single writer is the simplest way to be correct under concurre
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import sqlite3
@@ -44,6 +45,11 @@ CREATE TABLE IF NOT EXISTS mcp_calls (
 CREATE TABLE IF NOT EXISTS logins (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT, outcome TEXT NOT NULL, at TEXT NOT NULL,
     route TEXT NOT NULL DEFAULT 'login', real_at REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS vaults (user_id TEXT PRIMARY KEY, master_key TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL,
+    origin TEXT, session_cookies INTEGER NOT NULL, owners TEXT NOT NULL, status INTEGER NOT NULL, traceparent TEXT,
+    at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tool_records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL, id TEXT NOT NULL,
     user_id TEXT NOT NULL, space_id TEXT NOT NULL, data TEXT NOT NULL, UNIQUE (collection, id));
@@ -182,6 +188,20 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    # --- encryption vaults (mana-auth, contract §9) ------------------------------------------
+
+    def vault_key(self, user_id: str) -> str | None:
+        row = self.one("SELECT master_key FROM vaults WHERE user_id = ?", (user_id,))
+        return str(row["master_key"]) if row else None
+
+    def create_vault(self, user_id: str, now: datetime) -> str:
+        """Mint the user's master key unless one exists (Mana's `init` is idempotent); the key either way."""
+        key = base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+        self.execute(
+            "INSERT OR IGNORE INTO vaults (user_id, master_key, created_at) VALUES (?,?,?)", (user_id, key, iso(now))
+        )
+        return self.vault_key(user_id) or key
 
     # --- personas -------------------------------------------------------------------------
 

@@ -27,9 +27,16 @@ $(PROMTOOL):
 demo: $(VENV)/.installed
 	$(PY) -m runner demo
 
+# The report's page is checked in a real headless browser (tests/test_report.py): Debian's chromium,
+# installed here when missing (CI runs as root on a clean clone; Playwright cannot fetch a browser here).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get install -y --no-install-recommends chromium || { apt-get update && apt-get install -y --no-install-recommends chromium; }
+
 # Two workers, a test file each at a time (module fixtures stay shared within a file): the suite
 # mostly waits on subprocesses and loopback HTTP, so two cores take it in about half the time.
-test: $(VENV)/.installed $(PROMTOOL)
+test: $(VENV)/.installed $(PROMTOOL) $(CHROMIUM)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 serve: $(VENV)/.installed

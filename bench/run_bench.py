@@ -166,7 +166,7 @@ def install_ablations(names: list[str]) -> None:
         # synchronous=NORMAL (WAL): no fsync per commit; survives a process crash, not a power cut.
         import sqlalchemy as sa
 
-        import runner.journal as journal_mod
+        import runner.journal.store as journal_mod
 
         original = journal_mod.create_async_engine
 
@@ -187,7 +187,7 @@ def install_ablations(names: list[str]) -> None:
     if "writer" in names:
         # One journal connection (pool_size=1): tasks queue on the pool (event-driven, FIFO)
         # instead of on SQLite's write lock (busy handler sleeping 1..100 ms between tries).
-        import runner.journal as journal_mod
+        import runner.journal.store as journal_mod
 
         original_engine = journal_mod.create_async_engine
 

@@ -1,5 +1,5 @@
 """Command line: serve (default) | once | demo | login EMAIL | tools EMAIL | password EMAIL | outbox [--retry]
-| spaces [--apply] | probe [EMAIL] | sandbox.
+| spaces [--apply] | probe [EMAIL] | report [--since 7d] [--json] [--html FILE] | status | sandbox.
 
 Exit codes: 0 done, 1 the run could not be made (Mana unreachable, login refused),
 2 bad configuration or usage, including a journal that cannot be used (corrupt, not a
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,9 @@ from runner.persona import DEV_SEED_SECRET, derive_password
 from runner.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from runner.journal import Journal
     from runner.tick import TickDeps
 
 
@@ -50,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     probe = sub.add_parser("probe", help="a scope probe now for EMAIL (default: every persona of PERSONA_SPACES_FILE)")
     probe.add_argument("email", nargs="?")
+    report = sub.add_parser("report", help="what the personas found: findings, rating trends, tools, coverage")
+    report.add_argument("--since", default="7d", help="the period: the last N days (7d) or weeks (2w), today included")
+    report.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    report.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts to FILE")
+    sub.add_parser("status", help="what the fleet is doing now: replicas' polls, ticks in flight, outbox, today")
     sub.add_parser("sandbox", help="serve the local Mana stand-in on 3001/3060/3069", add_help=False)
     args, rest = parser.parse_known_args(argv)
     command = args.command or "serve"
@@ -85,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_spaces(settings, apply=args.apply))
     if command == "probe":
         return _run(_probe(settings, args.email))
+    if command == "status":
+        return _run(_status(settings))
+    if command == "report":
+        return _run(_report(settings, args.since, as_json=args.json, html=args.html))
     return _run(_serve(settings))
 
 
@@ -102,7 +114,7 @@ def _run(coro: Any) -> int:
     except (ManaError, _Fatal) as exc:
         _error(exc)
         return 1
-    except _BadInput as exc:
+    except _Usage as exc:
         _error(exc)
         return 2
 
@@ -117,8 +129,9 @@ class _Fatal(Exception):
     """A run that cannot go on, reported as one line."""
 
 
-class _BadInput(Exception):
-    """The operator's input cannot be used (exit 2), found before anything changed."""
+class _Usage(Exception):
+    """Bad input to a command (an unreadable option, a file that cannot be written or used), found
+    before anything changed: one line, exit 2."""
 
 
 async def _serve(settings: Settings) -> int:
@@ -183,6 +196,64 @@ async def _outbox(settings: Settings, *, retry: bool) -> int:
     return 0
 
 
+async def _report(settings: Settings, since: str, *, as_json: bool, html: str | None) -> int:
+    """What the personas found, read from the journal without writing to it (safe beside any number of replicas)."""
+    import json
+
+    from runner import report
+    from runner.journal import Journal
+
+    try:
+        period = report.period_of(report.parse_since(since), datetime.now(UTC).date())
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+    thresholds = report.Thresholds.of(settings)
+    journal = await Journal.open(settings.journal_location, read_only=True)
+    try:
+        found = await report.build(journal, period, thresholds)
+    finally:
+        await journal.close()
+    if html is not None:
+        from runner.report_page import page
+
+        try:
+            Path(html).write_text(page(found), encoding="utf-8")
+        except OSError as exc:
+            raise _Usage(f"--html {html}: cannot write: {exc.strerror or exc}") from None
+    if as_json:
+        print(json.dumps(found, ensure_ascii=False, indent=2))
+    else:
+        report.render(found, _console())
+    return 0
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    # Off a terminal (a pipe, a file) rich would cut the tables to 80 columns: ids and causes must survive.
+    return Console(width=None if sys.stdout.isatty() else 240)
+
+
+async def _status(settings: Settings) -> int:
+    """The fleet now, read from the journal (every replica), without writing to it."""
+    from runner import report
+    from runner.journal import Journal
+
+    journal = await Journal.open(settings.journal_location, read_only=True)
+    try:
+        state = await report.status(journal, datetime.now(UTC).date())
+    finally:
+        await journal.close()
+    # A replica polls every TICK_INTERVAL_MS; three missed polls (and a minute's grace) mean it is gone.
+    recent = 3 * settings.tick_interval_ms / 1000 + 60
+    state["replicas"] = [r for r in state["replicas"] if r["polled_s_ago"] <= recent]
+    if not state["replicas"]:
+        print(f"no runner has polled this journal in the last {recent:.0f} s")
+        return 0
+    report.render_status(state, _console())
+    return 0
+
+
 @asynccontextmanager
 async def _as_persona(settings: Settings) -> AsyncIterator[TickDeps]:
     """What the persona commands need: the tick's rules, mana-auth, and the journal's login blocks.
@@ -221,7 +292,7 @@ async def _spaces(settings: Settings, *, apply: bool) -> int:
     try:
         declared = load_spaces(settings.persona_spaces_file, settings.space_modules)
     except SpacesFileError as exc:
-        raise _BadInput(str(exc)) from None
+        raise _Usage(str(exc)) from None
     async with _as_persona(settings) as deps:
         sessions: dict[str, PersonaSession] = {}
 
@@ -235,7 +306,7 @@ async def _spaces(settings: Settings, *, apply: bool) -> int:
                 await (await session_of(email)).spaces()
             except (ApiError, LoginBlocked) as exc:
                 if isinstance(exc, LoginBlocked) or is_wrong_password(exc):
-                    raise _BadInput(
+                    raise _Usage(
                         f"{settings.persona_spaces_file}: {email}: no persona signs in as it ({exc})"
                     ) from None
                 raise
@@ -275,7 +346,7 @@ async def _probe(settings: Settings, email: str | None) -> int:
         try:
             declared = load_spaces(settings.persona_spaces_file, settings.space_modules)
         except SpacesFileError as exc:
-            raise _BadInput(str(exc)) from None
+            raise _Usage(str(exc)) from None
         emails = list(dict.fromkeys(e for space in declared for e in space.members))
     async with open_runtime(settings, _no_player) as runtime:
         for who in emails:
@@ -319,13 +390,20 @@ async def _tools(settings: Settings, email: str) -> int:
 
 
 async def _demo() -> int:
-    """The README's first command: a sandbox on loopback, one round for every persona, a table."""
+    """The README's first command: a sandbox on loopback, one round for every persona, a table.
+
+    On a terminal the round is a live view (personas done, the stage of each running tick), and a
+    one-screen report follows the table; its journal is kept so that `report` can show more. Off a
+    terminal (CI, a pipe) it logs the round as lines and prints the table alone.
+    """
     from runner.dispatch import run_once
     from runner.runtime import open_runtime, provider_factory
     from runner.sandbox import Sandbox, SandboxConfig
 
     use_claude = bool(os.environ.get("ANTHROPIC_API_KEY"))
+    interactive = sys.stdout.isatty()
     with tempfile.TemporaryDirectory(prefix="persona-demo-") as tmp:
+        kept = Path(tempfile.mkdtemp(prefix="persona-demo-journal-")) if interactive else Path(tmp)
         config = SandboxConfig(db_path=str(Path(tmp) / "sandbox.db"))
         async with Sandbox(config) as sandbox:
             settings = load_settings(
@@ -337,8 +415,10 @@ async def _demo() -> int:
                 llm_provider="anthropic" if use_claude else "scripted",
                 runner_env="development",
                 node_env=None,
-                runner_state_path=Path(tmp) / "runner.db",
+                runner_state_path=kept / "runner.db",
                 log_format="console",
+                # The live view is the progress on a terminal; only what goes wrong is logged over it.
+                log_level="warning" if interactive else "info",
                 mana_retry_base_s=0.2,
                 # The local sandbox, like a development Mana, does not limit sign-ins: no need to pace them.
                 mana_login_rate="100/1s",
@@ -347,32 +427,66 @@ async def _demo() -> int:
             for secret in settings.secrets():
                 log.register_secret(secret)
             print(f"sandbox up: auth {sandbox.auth_url}, api {sandbox.api_url}, mcp {sandbox.mcp_url}", file=sys.stderr)
-            await _weekday_clock(sandbox.api_url)
+            day = await _weekday_clock(sandbox.api_url)
             print(
                 f"provider: {'Claude (' + settings.anthropic_model + ')' if use_claude else 'scripted (offline)'}",
                 file=sys.stderr,
             )
             async with provider_factory(settings) as make, open_runtime(settings, make) as runtime:
-                report = await run_once(runtime)
-                summaries = await runtime.journal.summaries([t for _, t in report.ticks])
-            print(_table([(p.email, summaries.get(t)) for p, t in report.ticks]))
-            if report.backlog:
-                print(f"{report.backlog} batches were not delivered", file=sys.stderr)
+                round_ = asyncio.create_task(run_once(runtime))
+                if interactive:
+                    await _live(runtime.journal, round_, sandbox.api_url, day)
+                done = await round_
+                summaries = await runtime.journal.summaries([t for _, t in done.ticks])
+                print(_table([(p.email, summaries.get(t)) for p, t in done.ticks]))
+                if interactive:
+                    await _summary(runtime.journal, day, settings)
+            if done.backlog:
+                print(f"{done.backlog} batches were not delivered", file=sys.stderr)
                 return 1
     return 0
 
 
-async def _weekday_clock(api_url: str) -> None:
-    """`weekdays` personas rest on weekends; the demo moves the sandbox's clock to Monday so all play."""
+async def _live(journal: Journal, round_: asyncio.Task[Any], api_url: str, day: date) -> None:
+    """Personas done out of the cast, and each running tick's stage, read from the journal as the round goes."""
+    import httpx
+    from rich.live import Live
+
+    from runner import report
+
+    async with httpx.AsyncClient() as http:
+        cast = [p for p in (await http.get(f"{api_url}/__sandbox/personas")).json() if not p["deleted"]]
+    emails = {p["userId"]: p["email"] for p in cast}
+    with Live(console=_console(), refresh_per_second=8, transient=True) as live:
+        while not round_.done():
+            live.update(report.progress(await report.status(journal, day), len(cast), emails))
+            await asyncio.wait({round_}, timeout=0.25)
+
+
+async def _summary(journal: Journal, day: date, settings: Settings) -> None:
+    """One screen of what the round found, and the command that shows all of it."""
+    from runner import report
+
+    found = await report.build(journal, report.period_of(1, day), report.Thresholds.of(settings))
+    report.summary(found, _console())
+    print(f"see more: RUNNER_STATE_PATH={settings.runner_state_path} python -m runner report --html report.html")
+
+
+async def _weekday_clock(api_url: str) -> date:
+    """`weekdays` personas rest on weekends; the demo moves the sandbox's clock to Monday so all play.
+
+    Returns the day the personas play (their ticks' window).
+    """
     import httpx
 
     now = datetime.now(UTC)
     if now.weekday() < 5:
-        return
+        return now.date()
     monday = now + timedelta(days=7 - now.weekday())
     async with httpx.AsyncClient() as http:
         (await http.post(f"{api_url}/__sandbox/clock", json={"now": monday.isoformat()})).raise_for_status()
     print(f"weekend: the sandbox's clock is set to {monday.date()} so weekday personas play too", file=sys.stderr)
+    return monday.date()
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:

@@ -42,6 +42,7 @@ class Dispatcher:
         self._pruned_at = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
         self.paused = runtime.settings.runner_paused
+        self.last_due = 0  # personas the last GET /due listed
         metrics.PAUSED.set(int(self.paused))
 
     def set_paused(self, paused: bool) -> None:
@@ -63,6 +64,7 @@ class Dispatcher:
             metrics.POLLS.labels(result="error").inc()
             raise PollError(str(exc)) from exc
         metrics.POLLS.labels(result="ok").inc()
+        self.last_due = len(due.personas)
         for warning in due.warnings:
             log.warning("due answer", problem=warning)
         if due.skipped:
@@ -104,9 +106,11 @@ class Dispatcher:
             await recover(self._rt)
             await self._rt.outbox.deliver()
             await self._prune_hourly()
-            await self.poll()
+            started = await self.poll()
+            await self._note_poll("paused" if self.paused else "ok", started)
         except PollError as exc:
             log.error("poll failed", error=str(exc))
+            await self._note_poll("error", None, str(exc))
         except asyncio.CancelledError:
             # The scheduler's shutdown cancels a poll in progress (SIGTERM/SIGHUP): every journal write
             # is one transaction, so nothing is half done; say so instead of a traceback, and end quietly.
@@ -114,6 +118,14 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive any one poll
             metrics.ERRORS.labels(stage="poll").inc()
             log.exception("poll crashed", error=str(exc))
+
+    async def _note_poll(self, result: str, started: int | None, error: str | None = None) -> None:
+        """What `python -m runner status` shows of this replica; only a hint, so it never fails the poll."""
+        due = self.last_due if result == "ok" else None
+        try:
+            await self._rt.journal.record_poll(result, due, started, error)
+        except Exception as exc:  # noqa: BLE001 - the journal's trouble shows at the next tick's write
+            log.warning("poll not recorded", error=str(exc))
 
     async def _prune_hourly(self) -> None:
         now = time.time()

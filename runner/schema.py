@@ -1,6 +1,6 @@
 """The journal's tables, and the numbered migrations that build them, for SQLite and PostgreSQL.
 
-One definition serves both the queries (runner/journal.py) and the migrations: every table and
+One definition serves both the queries (runner/journal/) and the migrations: every table and
 column says in `info["since"]` which schema version added it. Migration N creates the tables,
 columns and indexes marked `since=N`; so the DDL of a step is derived from the same objects
 the queries use, and both dialects get their own types (REAL/DOUBLE, BLOB/BYTEA, SERIAL).
@@ -26,8 +26,8 @@ _meta = sa.MetaData()
 _V1 = {"since": 1}
 _V2 = {"since": 2}
 _V3 = {"since": 3}
-# Issue 15's step (shared spaces). Numbered 4 here; if another branch took 4 first, this becomes the next.
-_SPACE_TYPES_STEP = {"since": 4}
+_V4 = {"since": 4}
+_V5 = {"since": 5}
 
 ticks = sa.Table(
     "ticks",
@@ -45,6 +45,8 @@ ticks = sa.Table(
     # The replica running the tick and until when its lease holds (database clock, epoch seconds).
     sa.Column("owner", sa.String(128), info=_V2),
     sa.Column("lease_until", sa.Float, info=_V2),
+    # The last step the tick journaled (login, mcp, play, seal), for `python -m runner status`.
+    sa.Column("stage", sa.String(16), info=_V4),
     info=_V1,
 )
 # A claim is the insert of this row: the database, not a process, says who got the window.
@@ -115,7 +117,7 @@ tick_spaces = sa.Table(
     sa.Column("via", sa.String(16), nullable=False),
     sa.Column("at", sa.Float, nullable=False),
     # personal | family | team | …: which kind of space the tick played in (NULL: before issue 15).
-    sa.Column("space_type", sa.String(16), info=_SPACE_TYPES_STEP),
+    sa.Column("space_type", sa.String(16), info=_V5),
     info=_V1,
 )
 batches = sa.Table(
@@ -139,6 +141,104 @@ batches = sa.Table(
     sa.Column("lease_until", sa.Float, info=_V2),
     info=_V1,
 )
+# --- The report's read model (step 4): written in the transaction that seals a tick, never pruned ---
+# Latency is kept as counts in fixed log-scale buckets (runner/journal/rollup.py owns the edges), so
+# rows of any days, personas and replicas merge by plain SUM and p50/p95 come out of the sums.
+LATENCY_BUCKETS = 32
+# Error cause classes, one counter column each (runner/journal/rollup.py decides the class).
+CAUSES: tuple[str, ...] = ("schema", "handler", "policy", "session", "transport", "model", "scope")
+# One row per day (the tick's window), persona, module and tool: a year of a 1,000-persona fleet is
+# about 365 x 1,000 x 8 rows. `tool` is '' on a module's own row (its ticks and ratings); the tick
+# itself is module '__tick' (its failures before any tool under tool '__tick:<stage>').
+rollup = sa.Table(
+    "rollup",
+    _meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("module", sa.String(255), primary_key=True),
+    sa.Column("tool", sa.String(255), primary_key=True),
+    sa.Column("ticks", sa.Integer, nullable=False),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("errors", sa.Integer, nullable=False),
+    *(sa.Column(f"err_{cause}", sa.Integer, nullable=False) for cause in CAUSES),
+    *(sa.Column(f"lat_{k:02d}", sa.Integer, nullable=False) for k in range(LATENCY_BUCKETS)),
+    sa.Column("rating_sum", sa.Integer, nullable=False),
+    sa.Column("rating_n", sa.Integer, nullable=False),
+    info=_V4,
+    # Stored in its key's order (day first) on SQLite: no second copy of the key in an index, and a
+    # period is one range of the table.
+    sqlite_with_rowid=False,
+)
+# One distinct problem: a tool (or a tick stage) and a normalised cause; `id` is a hash of both, so
+# the same problem has the same id on every replica and after every prune.
+findings = sa.Table(
+    "findings",
+    _meta,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("tool", sa.String(255), nullable=False, index=True),
+    sa.Column("cause_class", sa.String(16), nullable=False),
+    sa.Column("cause", sa.Text, nullable=False),
+    sa.Column("first_day", sa.String(10), nullable=False),
+    sa.Column("last_day", sa.String(10), nullable=False),
+    sa.Column("last_at", sa.Float, nullable=False),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("ticks", sa.Integer, nullable=False),
+    # Successful calls of the tool (ok ticks, for a stage) since the finding was last seen: `gone` after N.
+    sa.Column("ok_since", sa.Integer, nullable=False),
+    sa.Column("example_error", sa.Text, nullable=False),
+    sa.Column("example_input_hash", sa.String(16)),
+    sa.Column("last_error", sa.Text, nullable=False),
+    info=_V4,
+)
+# A finding's calls and ticks per day and persona: the period's counts and the personas it touched.
+finding_days = sa.Table(
+    "finding_days",
+    _meta,
+    sa.Column("finding_id", sa.String(16), primary_key=True),
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("ticks", sa.Integer, nullable=False),
+    info=_V4,
+    sqlite_with_rowid=False,
+)
+sa.Index("ix_finding_days_day", finding_days.c.day, info=_V4)
+# What a day offered and asked for: the tools mana-mcp served (`served`) and the modules the
+# personas' moduleMix named (`asked`), for coverage and demand without a tool.
+catalogue = sa.Table(
+    "catalogue",
+    _meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("kind", sa.String(8), primary_key=True),  # served | asked
+    sa.Column("name", sa.String(255), primary_key=True),
+    info=_V4,
+)
+# Each replica's last poll, so that `python -m runner status` sees every replica (and whether it is paused).
+polls = sa.Table(
+    "polls",
+    _meta,
+    sa.Column("replica", sa.String(128), primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("result", sa.String(16), nullable=False),  # ok | error | paused
+    sa.Column("due", sa.Integer),
+    sa.Column("started", sa.Integer),
+    sa.Column("error", sa.Text),
+    info=_V4,
+)
+# Each persona's last sealed tick, for the report's personas section (the ticks table is pruned).
+persona_last = sa.Table(
+    "persona_last",
+    _meta,
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("tick_id", sa.String(64), nullable=False),
+    sa.Column("window", sa.String(32), nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("modules", sa.Text, nullable=False),
+    sa.Column("space_id", sa.String(255)),
+    sa.Column("sealed_at", sa.Float, nullable=False),
+    info=_V4,
+)
 # /ready's write probe: opening a read-only file succeeds; only a write tells.
 ready_probe = sa.Table("ready_probe", _meta, sa.Column("at", sa.Float), info=_V1)
 migrations = sa.Table(
@@ -155,6 +255,7 @@ STEPS: tuple[str, ...] = (
     "baseline: the tables of the last unversioned release",
     "replicas: claim by unique (persona, window), tick and batch leases",
     "vaults: personas known to have an encryption vault",
+    "report: daily rollup, findings, catalogue, last ticks, polls, tick stage",
     "space types: the type of the space each tick played in",
 )
 SCHEMA_VERSION = len(STEPS)
@@ -175,7 +276,7 @@ def _since(item: sa.Table | sa.Column[Any] | sa.Index) -> int:
 def _create_table(conn: sa.Connection, table: sa.Table, version: int) -> None:
     """CREATE TABLE with only the columns that existed at `version`; later steps add the rest."""
     columns = [c._copy() for c in table.columns if _since(c) <= version]
-    conn.execute(sa.schema.CreateTable(sa.Table(table.name, sa.MetaData(), *columns)))
+    conn.execute(sa.schema.CreateTable(sa.Table(table.name, sa.MetaData(), *columns, **table.dialect_kwargs)))
 
 
 def _add_column(conn: sa.Connection, table: sa.Table, column: sa.Column[Any]) -> None:
@@ -221,11 +322,7 @@ def upgrade(conn: sa.Connection) -> tuple[int, int]:
         found = 0
     else:
         found = int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(migrations.c.version), 0))) or 0)
-    if found > SCHEMA_VERSION:
-        raise SchemaError(
-            f"written by a newer runner (schema version {found}; this runner knows up to {SCHEMA_VERSION}); "
-            "upgrade the runner or point it at another journal"
-        )
+    _not_newer(found)
     if found == 0 and present:
         # An unversioned journal: every column but the stopgap's must already be there.
         for table in _meta.sorted_tables:
@@ -245,6 +342,28 @@ def upgrade(conn: sa.Connection) -> tuple[int, int]:
             conn.execute(batches.update().where(batches.c.state == "dead").values(state="refused"))
         conn.execute(migrations.insert().values(version=version, name=STEPS[version - 1][:64], applied_at=_epoch(conn)))
     return found, SCHEMA_VERSION
+
+
+def _not_newer(found: int) -> None:
+    if found > SCHEMA_VERSION:
+        raise SchemaError(
+            f"written by a newer runner (schema version {found}; this runner knows up to {SCHEMA_VERSION}); "
+            "upgrade the runner or point it at another journal"
+        )
+
+
+def check(conn: sa.Connection) -> int:
+    """The version of a journal that is only to be read (the report): nothing is created or migrated.
+
+    Raises SchemaError unless it is a runner journal at exactly this code's version.
+    """
+    if migrations.name not in set(sa.inspect(conn).get_table_names()):
+        raise SchemaError("not a runner journal (no schema_migrations table)")
+    found = int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(migrations.c.version), 0))) or 0)
+    _not_newer(found)
+    if found < SCHEMA_VERSION:
+        raise SchemaError(f"schema version {found}: start the runner once to migrate it to {SCHEMA_VERSION}")
+    return found
 
 
 def clock(dialect: str) -> sa.ColumnElement[float]:

@@ -112,6 +112,14 @@ class Settings(BaseSettings):
     # OpenTelemetry's own variable: when set, each tick is one trace, exported over OTLP/HTTP.
     otel_exporter_otlp_endpoint: str | None = None
     otel_service_name: str = "persona-runner"
+    # `python -m runner report`: a module regresses when its mean rating over the last
+    # REPORT_RECENT_DAYS is REPORT_REGRESSION_DROP below the REPORT_PRIOR_DAYS before, with at least
+    # REPORT_MIN_RATINGS ratings on each side; a finding is gone after REPORT_GONE_AFTER successes.
+    report_recent_days: int = Field(default=7, ge=1, le=366)
+    report_prior_days: int = Field(default=21, ge=1, le=366)
+    report_regression_drop: float = Field(default=0.5, gt=0, le=4)
+    report_min_ratings: int = Field(default=5, ge=1)
+    report_gone_after: int = Field(default=5, ge=1)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

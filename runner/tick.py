@@ -291,6 +291,8 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
     async with progress.gateway as gateway:
         specs = await gateway.tools()
         _stage(progress, "tools")
+        # For the report's coverage: what was served, and what the persona would have liked to use.
+        await deps.journal.record_offer(claim.tick_id, [s.name for s in specs], persona.module_mix)
         decisions = _decide(config.policy, specs, where.scope)
         offered_names = {d.name for d in decisions if d.offered}
         if not offered_names:
@@ -496,9 +498,8 @@ async def _fail(
     deps: TickDeps, claim: Claim, progress: _Progress, outcome: Outcome, reason: str, started: float
 ) -> Outcome:
     metrics_usage(progress.play)
-    if not await deps.journal.seal(
-        claim.tick_id, outcome, ActionRow(TICK_ROW, "error", error_message=error_message(reason))
-    ):
+    row = ActionRow(TICK_ROW, "error", error_message=error_message(reason))
+    if not await deps.journal.seal(claim.tick_id, outcome, row, stage=progress.stage):
         return _lease_lost(claim, started)
     log.warning("tick ended with an error", outcome=outcome, error=reason, calls=progress.play.calls)
     return _finish(outcome, started)

@@ -31,6 +31,9 @@ Result = Literal["ok", "error"]
 # Rows that are not tool calls but must still be visible on the dashboard.
 TICK_ROW = "__tick"
 PARSE_MODULE = "__parse"
+# A scope probe's verdict (runner/probe.py); a leak's message starts with LEAK_PREFIX, the report's cause class.
+PROBE_TOOL = "__probe"
+LEAK_PREFIX = "scope leak:"
 
 # A fixed namespace: tick ids must come out the same in every process, forever.
 _TICK_NAMESPACE = uuid.UUID("5b0e8f3c-6a7d-4c1e-9f2a-3d4b5c6e7f80")

@@ -32,14 +32,12 @@ from runner.agent.policy import ToolPolicy
 from runner.log import get_logger
 from runner.mana.auth import SpaceInfo
 from runner.mana.mcp import McpGateway, ToolOutcome
-from runner.persona import module_of
+from runner.persona import LEAK_PREFIX, module_of
 from runner.session import PersonaSession
 from runner.spaces import SpaceModules
 
 log = get_logger("runner.probe")
 
-PROBE_TOOL = "__probe"
-LEAK_PREFIX = "scope leak:"  # the report's cause class "scope leak" keys on this prefix
 UNREADABLE_PREFIX = "shared space unreadable:"
 MARK = "persona-probe"  # every canary carries it: probe data, findable and recognisable
 NIL_UUID = "00000000-0000-4000-8000-000000000000"  # a reference the schema needs; nothing it names exists

@@ -31,8 +31,8 @@ from runner.log import get_logger
 from runner.mana.auth import AuthClient
 from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
 from runner.mana.mcp import McpGateway, SpaceRefused, ToolOutcome, ToolSpec, error_message
-from runner.persona import TICK_ROW, ActionRow, DuePersona, input_hash, module_of, tick_id
-from runner.probe import PROBE_TOOL, Probe, Verdict
+from runner.persona import PROBE_TOOL, TICK_ROW, ActionRow, DuePersona, input_hash, module_of, tick_id
+from runner.probe import Probe, Verdict
 from runner.session import PersonaSession, SessionConfig
 from runner.spaces import SpaceModules, draw, shared_spaces
 
@@ -383,7 +383,8 @@ async def probe_now(deps: TickDeps, email: str) -> Verdict | None:
     modules = deps.config.space_modules
     if modules is None or not shared_spaces(await session.spaces(), modules):
         return None
-    window = f"probe-{datetime.now(UTC):%Y-%m-%dT%H:%M:%S}"
+    # Day first, like every window: the report files a tick under its window's first ten characters.
+    window = f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%S}-probe"
     claim = await deps.journal.claim(session.user_id, window, tick_id(session.user_id, window))
     if claim is None:
         raise PermanentError(f"probe: {email} was probed this second already", stage="probe")

@@ -6,7 +6,7 @@ nothing a tool could remove, and runs once per window for a persona with a share
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,10 @@ from test_sandbox import jwt_for, mcp_session, result_json
 
 from runner import metrics
 from runner.dispatch import run_once
-from runner.probe import LEAK_PREFIX, PROBE_TOOL, READERS, UNREADABLE_PREFIX, WRITERS
+from runner.journal import Journal
+from runner.persona import LEAK_PREFIX, PROBE_TOOL
+from runner.probe import READERS, UNREADABLE_PREFIX, WRITERS
+from runner.report import Thresholds, build, period_of
 from runner.tick import probe_now
 
 UNFILTERED = {"todo.list", "notes.search", "habits.list", "mood.today", "mood.recent"}
@@ -70,6 +73,15 @@ async def test_on_mana_as_it_is_a_probe_names_the_unfiltered_tools(
     assert len(calls) == verdict.calls == len(await plan.get("mcp-calls"))
     assert leaks_counted() - before == len(UNFILTERED)
     assert "scope leak: a shared space shows personal data" in capsys.readouterr().out
+    # The report makes the leak a finding of its own class, filed under today.
+    settings = plan.settings(tmp_path)
+    journal = await Journal.open(settings.runner_state_path, own=False)
+    try:
+        report = await build(journal, period_of(1, datetime.now(UTC).date()), Thresholds.of(settings))
+    finally:
+        await journal.close()
+    [finding] = [f for f in report["findings"] if f["tool"] == PROBE_TOOL]
+    assert finding["cause_class"] == "scope" and finding["status"] == "new" and finding["calls"] == 1
 
 
 async def test_with_isolation_no_leak_and_the_positive_check_passes(isolated_plan: Mana, tmp_path: Path) -> None:

@@ -212,6 +212,11 @@ def test_normalising_takes_out_ids_uuids_numbers_and_quoted_values() -> None:
     assert finding_key("__tick:login", "login: 401 Unauthorized")[2] == "session"
     assert finding_key("__tick:play", "timeout: tick exceeded 600s during play")[2] == "transport"
     assert finding_key("__parse", "rating failed: no JSON")[2] == "model"
+    # A probe's verdict: a canary that came back is a scope leak; an unreadable shared space is not
+    # (and a `space` in its words must not make it a sign-in problem).
+    leak = "scope leak: todo.list in space Fam returned persona-probe 1a2b3c4d5e6f"
+    assert finding_key("__probe", leak)[2] == "scope"
+    assert finding_key("__probe", "shared space unreadable: notes.search failed")[2] == "handler"
 
 
 # Failures as (persona, window, [(tool, ok, error)]), the same set of problems with other ids and numbers.

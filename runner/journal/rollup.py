@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runner.journal.store import Store, insert
-from runner.persona import PARSE_MODULE, TICK_ROW, module_of
+from runner.persona import LEAK_PREFIX, PARSE_MODULE, PROBE_TOOL, TICK_ROW, module_of
 from runner.schema import LATENCY_BUCKETS, catalogue, finding_days, findings, persona_last, rollup, ticks
 
 # Tick-level failures are findings of the stage the tick was in: `__tick:login`, `__tick:play`.
@@ -77,9 +77,12 @@ _CLASS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def cause_class(tool: str, error: str) -> str:
-    """One of schema.CAUSES: which kind of problem an error is (`scope` is reserved for probes)."""
+    """One of schema.CAUSES: which kind of problem an error is (`scope`: a probe found a leak)."""
     if tool == PARSE_MODULE:
         return "model"
+    if tool == PROBE_TOOL:
+        # A canary that came back is a leak; a shared space its members cannot read is the module failing.
+        return "scope" if error.startswith(LEAK_PREFIX) else "handler"
     low = error.lower()
     for name, words in _CLASS_RULES:
         if any(word in low for word in words):

@@ -218,6 +218,12 @@ async def _trends(conn: AsyncConnection, until: date, thresholds: Thresholds) ->
     }
 
 
+async def rating_trends(journal: Journal, until: date, thresholds: Thresholds) -> dict[str, dict[str, Any]]:
+    """Each module's recent mean rating against its prior one, as the report's `modules` have it."""
+    async with journal.reading() as conn:
+        return await _trends(conn, until, thresholds)
+
+
 async def _tools(conn: AsyncConnection, period: Period) -> tuple[list[dict[str, Any]], dict[str, str]]:
     buckets = [rollup.c[f"lat_{k:02d}"] for k in range(LATENCY_BUCKETS)]
     rows = (

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,8 +23,10 @@ from starlette.routing import Route
 
 from runner import metrics
 from runner.dispatch import Dispatcher, PollError
+from runner.journal import Journal
 from runner.log import redact
 from runner.mana.errors import ManaError
+from runner.report import Thresholds, rating_trends
 from runner.runtime import Runtime
 from runner.session import LoginBlocked
 from runner.tick import sign_in
@@ -76,8 +79,11 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
+    thresholds = Thresholds.of(settings)
+
     async def metrics_endpoint(_: Request) -> Response:
         await runtime.outbox.publish()
+        await _publish_ratings(runtime.journal, thresholds)
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def diag_login(request: Request) -> Response:
@@ -142,3 +148,17 @@ async def start_http(runtime: Runtime, dispatcher: Dispatcher, host: str = "127.
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     return HttpHandle(server, task, sock.getsockname()[1])
+
+
+async def _publish_ratings(journal: Journal, thresholds: Thresholds) -> None:
+    """Each module's recent mean rating and regression flag, from the report's rollup, as gauges.
+
+    Computed at scrape time from the journal, so every replica exports the fleet's figures (one
+    grouped query over the rollup's last recent+prior days). A module with no rating in the recent
+    period has no recent mean to export.
+    """
+    trends = await rating_trends(journal, datetime.now(UTC).date(), thresholds)
+    for module, trend in trends.items():
+        if trend["recent_mean"] is not None:
+            metrics.MODULE_RATING_RECENT.labels(module=module).set(trend["recent_mean"])
+        metrics.MODULE_RATING_REGRESSION.labels(module=module).set(1 if trend["regression"] else 0)

@@ -7,17 +7,21 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import promql_parser
+import pytest
 from conftest import Mana, serving
 from procs import ROOT, free_port, until
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runner import metrics
+from runner.journal import Journal
+from runner.report import Thresholds, rating_trends
 
 RULES = ROOT / "deploy" / "prometheus" / "persona-runner.rules.yaml"
 RULES_TEST = ROOT / "tests" / "promtool" / "rules.test.yaml"
@@ -155,3 +159,27 @@ async def test_every_metric_the_dashboard_and_rules_query_is_exported_by_a_runni
     assert {"persona_budget_spent_usd", "persona_budget_limit_usd", "persona_budget_exhausted"} <= {
         s.name for f in text_string_to_metric_families(scraped) for s in f.samples
     }
+
+
+async def test_the_module_rating_gauges_are_the_reports_recent_means_and_flags(mana: Mana, tmp_path: Path) -> None:
+    # Today, so the ticks' ratings fall in the report's recent period (it ends on today's UTC date).
+    await mana.post("clock", {"now": datetime.now(UTC).replace(hour=9).isoformat()})
+    settings = mana.settings(tmp_path, tick_interval_ms=200, port=free_port())
+    async with serving(settings) as url:
+        await until(lambda: len(httpx.get(f"{mana.sandbox.api_url}/__sandbox/feedback").json()) >= 5, what="ratings")
+        # A rating reaches the API only after its tick's seal, whose transaction updated the rollup.
+        journal = await Journal.open(settings.runner_state_path, own=False)
+        try:
+            trends = await rating_trends(journal, datetime.now(UTC).date(), Thresholds.of(settings))
+        finally:
+            await journal.close()
+        async with httpx.AsyncClient() as client:
+            scraped = (await client.get(f"{url}/metrics")).text
+    samples = {
+        (s.name, s.labels.get("module")): s.value for f in text_string_to_metric_families(scraped) for s in f.samples
+    }
+    rated = {m: t for m, t in trends.items() if t["recent_mean"] is not None}
+    assert rated, trends
+    for module, trend in rated.items():
+        assert samples[("persona_module_rating_recent", module)] == pytest.approx(trend["recent_mean"])
+        assert samples[("persona_module_rating_regression", module)] == (1.0 if trend["regression"] else 0.0)

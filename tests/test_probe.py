@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
+import structlog.testing
 from conftest import WEEKDAY, Mana, open_runner
 from family import ANNA, BEN
 from test_sandbox import jwt_for, mcp_session, result_json
@@ -41,11 +41,11 @@ async def probe_anna(world: Mana, tmp_path: Path) -> tuple[Any, list[dict[str, A
     return verdict, await world.get("actions")
 
 
-async def test_on_mana_as_it_is_a_probe_names_the_unfiltered_tools(
-    plan: Mana, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_on_mana_as_it_is_a_probe_names_the_unfiltered_tools(plan: Mana, tmp_path: Path) -> None:
     before = leaks_counted()
-    verdict, rows = await probe_anna(plan, tmp_path)
+    # The log line as structlog emits it: what stderr shows depends on which test configured logging last.
+    with structlog.testing.capture_logs() as logged:
+        verdict, rows = await probe_anna(plan, tmp_path)
     leaked = {leak.tool for leak in verdict.leaks}
     assert leaked == UNFILTERED
     assert {leak.space.slug for leak in verdict.leaks} == {"familie-schmidt"}
@@ -72,7 +72,8 @@ async def test_on_mana_as_it_is_a_probe_names_the_unfiltered_tools(
     calls = [r for r in rows if r["toolName"] != PROBE_TOOL]
     assert len(calls) == verdict.calls == len(await plan.get("mcp-calls"))
     assert leaks_counted() - before == len(UNFILTERED)
-    assert "scope leak: a shared space shows personal data" in capsys.readouterr().out
+    [line] = [e for e in logged if e["event"] == "scope leak: a shared space shows personal data"]
+    assert line["log_level"] == "error" and len(line["leaks"]) == len(UNFILTERED)
     # The report makes the leak a finding of its own class, filed under today.
     settings = plan.settings(tmp_path)
     journal = await Journal.open(settings.runner_state_path, own=False)

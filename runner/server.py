@@ -47,6 +47,13 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
                 # Which replica answers, and on which journal: tells replicas apart in one look.
                 "replica": runtime.journal.replica,
                 "journal": runtime.journal.kind,
+                # As of this replica's last poll: every replica's spend today, the open reservations included.
+                "budget": {
+                    "spentUsd": round(dispatcher.budget.spent_usd, 6),
+                    "limitUsd": dispatcher.budget.limit_usd,
+                    "exhausted": dispatcher.budget.exhausted,
+                    "day": dispatcher.budget.day,
+                },
             }
         )
 

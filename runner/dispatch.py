@@ -57,7 +57,7 @@ class Dispatcher:
         self.last_due = 0  # personas the last GET /due listed
         metrics.PAUSED.set(int(self.paused))
         self.budget = BudgetState(limit_usd=runtime.settings.budget_usd_per_day)
-        self._spent_day = ""  # the UTC day on which a claim found the fleet's budget spent
+        self._spent_day = ""  # the UTC day a claim found the fleet's budget spent: logged once a day
         # BUDGET_EXHAUSTED=scripted: the same tick, played offline at no cost.
         offline = scripted_factory(runtime.settings)
         self._scripted: TickDeps = dataclasses.replace(runtime.tick_deps, make_provider=offline)
@@ -146,21 +146,29 @@ class Dispatcher:
             log.warning("poll not recorded", error=str(exc))
 
     async def _publish_budget(self) -> None:
-        """Today's fleet spend from the journal into /health and the budget gauges; a new UTC day clears `spent`."""
+        """Today's fleet spend from the journal into /health and the budget gauges.
+
+        Spent means a tick expected at BUDGET_TICK_DEFAULT_USD no longer fits (a claim refused between
+        two polls says so at once). Today's calls are what counts, so a new UTC day clears it.
+        """
         try:
             spend = await self._rt.journal.fleet_spend()
         except Exception as exc:  # noqa: BLE001 - only a reading; the next poll tries again
             log.warning("budget not read", error=str(exc))
             return
+        budget = self._rt.tick_deps.config.budget
+        limit = budget.fleet_usd
+        exhausted = limit is not None and spend.spent_usd + budget.tick_default_usd > limit
         if self._spent_day and self._spent_day != spend.day:
             log.info("fleet budget renewed: a new UTC day", day=spend.day)
             self._spent_day = ""
-        limit = self.budget.limit_usd
-        exhausted = self._spent_day == spend.day or (limit is not None and spend.spent_usd >= limit)
-        self.budget = BudgetState(spend.spent_usd, limit, exhausted, spend.day)
-        metrics.BUDGET_SPENT.labels(scope="fleet").set(spend.spent_usd)
-        metrics.BUDGET_LIMIT.labels(scope="fleet").set(limit or 0)
-        metrics.BUDGET_EXHAUSTED.set(int(exhausted))
+        self._set_budget(BudgetState(spend.spent_usd, limit, exhausted, spend.day))
+
+    def _set_budget(self, state: BudgetState) -> None:
+        self.budget = state
+        metrics.BUDGET_SPENT.labels(scope="fleet").set(state.spent_usd)
+        metrics.BUDGET_LIMIT.labels(scope="fleet").set(state.limit_usd or 0)
+        metrics.BUDGET_EXHAUSTED.set(int(state.exhausted))
 
     def _budget_spent(self, spent: BudgetSpent) -> bool:
         """A claim found a budget spent: True when the tick is to play scripted instead of waiting."""
@@ -172,8 +180,7 @@ class Dispatcher:
             self._spent_day = spent.day
             then = "new ticks play scripted at no cost" if scripted else "new ticks wait for the next UTC day"
             log.warning(f"fleet budget spent: {then}", reason=str(spent))
-        self.budget = BudgetState(spent.spent, spent.limit, True, spent.day)
-        metrics.BUDGET_EXHAUSTED.set(1)
+        self._set_budget(BudgetState(spent.spent, spent.limit, True, spent.day))
         return scripted
 
     async def _prune_hourly(self) -> None:

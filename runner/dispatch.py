@@ -123,7 +123,7 @@ class Dispatcher:
             await recover(self._rt)
             await self._rt.outbox.deliver()
             await self._prune_hourly()
-            await self._publish_budget()
+            await self.publish_budget()
             started = await self.poll()
             await self._note_poll("paused" if self.paused else "ok", started)
         except PollError as exc:
@@ -145,7 +145,7 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - the journal's trouble shows at the next tick's write
             log.warning("poll not recorded", error=str(exc))
 
-    async def _publish_budget(self) -> None:
+    async def publish_budget(self) -> None:
         """Today's fleet spend from the journal into /health and the budget gauges.
 
         Spent means a tick expected at BUDGET_TICK_DEFAULT_USD no longer fits (a claim refused between

@@ -85,6 +85,7 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
 
     async def metrics_endpoint(_: Request) -> Response:
         await runtime.outbox.publish()
+        await dispatcher.publish_budget()  # fresh at every scrape, not only as of the last poll
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def diag_login(request: Request) -> Response:

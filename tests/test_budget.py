@@ -183,8 +183,15 @@ async def test_two_replicas_on_one_postgresql_journal_hold_the_fleet_budget(
     mana: Mana, tmp_path: Path, fake_anthropic: FakeAnthropic, pg_url: str, mode: str
 ) -> None:
     fake_anthropic.brain = _slow
-    for n in range(10):
-        await mana.add_persona(f"Extra {n}")
+    for n in range(10):  # ten more than the sandbox's own, each with a prompt of its own
+        spec = {
+            "name": f"extra{n:02d}",
+            "archetype": "test-archetype",
+            "systemPrompt": f"Du bist Testperson Nummer {n}.",
+            "moduleMix": {"todo": 0.5, "journal": 0.3, "calendar": 0.2},
+            "tickCadence": "daily",
+        }
+        await mana.post("personas", spec)
     tick_usd = 0.008  # about what a tick costs here (measured in test_caching's setting: ~$0.008 on Haiku 4.5)
     limit = 5 * tick_usd
     settings = _claude(
@@ -212,6 +219,7 @@ async def test_two_replicas_on_one_postgresql_journal_hold_the_fleet_budget(
             max(_priced(x) for x in xs if not asked_tool(x.body)) + sum(_priced(x) for x in xs if asked_tool(x.body))
             for xs in claude.values()
         )
+        print(f"claude ticks {len(claude)}, charged ${charged:.5f} of ${limit:.5f}, bound ${bound:.5f}")
         assert 3 <= len(claude) <= 8, len(claude)
         assert charged <= limit + bound, (charged, limit, bound)
         recorded = await _rows(replicas[0], sa.select(sa.func.sum(model_calls.c.cost_usd)))
@@ -235,14 +243,16 @@ async def test_two_replicas_on_one_postgresql_journal_hold_the_fleet_budget(
             # Every persona played once; those beyond the budget played scripted, at no cost.
             assert len(claimed) == 20 and {(s, o) for _, s, o in claimed} == {("sealed", "ok")}
             assert len(played) == 20 and set(claude) < played
-        await asyncio.gather(*(r.outbox.flush() for r in replicas))
 
         if mode == "pause":
             # A new UTC day (as the database clock sees it): what was spent is yesterday's, the waiting play.
             async with replicas[0].journal._write() as conn:
                 await conn.execute(model_calls.update().values(at=model_calls.c.at - 86_400))
+            await dispatchers[0].publish_budget()
+            assert not dispatchers[0].budget.exhausted and dispatchers[0].budget.spent_usd == 0
+            assert metrics.REGISTRY.get_sample_value("persona_budget_exhausted") == 0
             await dispatchers[0].poll_and_deliver()
             await dispatchers[0].wait_idle()
-            assert not dispatchers[0].budget.exhausted
-            assert metrics.REGISTRY.get_sample_value("persona_budget_exhausted") == 0
-            assert len(_by_tick(fake_anthropic, ticks_by_prompt)) > len(claude)
+            assert len(_by_tick(fake_anthropic, ticks_by_prompt)) >= len(claude) + 3
+        # What the last ticks sealed is delivered before the replicas close.
+        await asyncio.gather(*(r.outbox.flush() for r in replicas))

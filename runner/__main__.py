@@ -230,7 +230,7 @@ async def _status(settings: Settings) -> int:
 
     journal = await Journal.open(settings.journal_location, read_only=True)
     try:
-        state = await report.status(journal, datetime.now(UTC).date())
+        state = await report.status(journal, datetime.now(UTC).date(), settings.budget_usd_per_day)
     finally:
         await journal.close()
     # A replica polls every TICK_INTERVAL_MS; three missed polls (and a minute's grace) mean it is gone.

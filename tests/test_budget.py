@@ -12,22 +12,28 @@ import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from anthropic.types import Usage
 from conftest import Mana
 from fake_anthropic import FakeAnthropic, asked_tool, default_brain
+from rich.console import Console
 
 from runner import metrics
 from runner.agent.loop import Entry, Provider, RatingReply, ToolDef, Turn
 from runner.cost import DEFAULT_PRICES_FILE, cost_usd, load_prices
 from runner.dispatch import Dispatcher, run_once
 from runner.persona import DuePersona
+from runner.report import Thresholds, build, period_of, render, render_status, status
+from runner.report_page import page
 from runner.runtime import Runtime, open_runtime, provider_factory
 from runner.schema import cost_days, model_calls, ticks
+from runner.server import build_app
 from runner.settings import Settings
 
 MODEL = "claude-haiku-4-5"
@@ -110,6 +116,9 @@ async def test_a_ticks_cost_is_the_priced_usage_the_model_reported_call_by_call(
         )
         daily = await _rows(runtime, sa.select(cost_days))
         costs = {tid: await runtime.journal.tick_cost(tid) for _, tid in report.ticks}
+        today = datetime.now(UTC).date()
+        found = await build(runtime.journal, period_of(1, today), Thresholds.of(settings))
+        now = await status(runtime.journal, today, budget_usd=1.0)
     assert len(report.ticks) == 10
     asked = _by_tick(fake_anthropic, ticks_by_prompt)
     assert asked.keys() == costs.keys()
@@ -135,6 +144,33 @@ async def test_a_ticks_cost_is_the_priced_usage_the_model_reported_call_by_call(
     assert sum(r.cost_usd for r in daily) == pytest.approx(total, abs=1e-9)
     assert sum(r.calls for r in daily) == sum(len(xs) for xs in asked.values())
     assert {r.model for r in daily} == {MODEL} and len({r.persona_id for r in daily}) == 10
+
+    # The report's cost: per day and persona from the rollup, per tick and module from the rows.
+    cost = found["cost"]
+    assert cost["total_usd"] == pytest.approx(total, abs=1e-9)
+    assert [d["day"] for d in cost["by_day"]] == [today.isoformat()]
+    by_persona = {p["persona"]: p["usd"] for p in cost["by_persona"]}
+    tick_persona = {tid: p.user_id for p, tid in report.ticks}
+    assert by_persona == pytest.approx({tick_persona[t]: c for t, c in costs.items()}, abs=1e-12)
+    assert sum(m["usd"] for m in cost["by_module"]) == pytest.approx(total, abs=1e-9)
+    assert {m["module"] for m in cost["by_module"]} <= {"todo", "journal", "calendar", "__tick"} | {
+        m for t in cost["costly_ticks"] for m in t["modules"]
+    }
+    top = cost["costly_ticks"][0]
+    assert top["usd"] == pytest.approx(max(costs.values()), abs=1e-12) and top["tick"] in costs
+    assert [t["usd"] for t in cost["costly_ticks"]] == sorted((t["usd"] for t in cost["costly_ticks"]), reverse=True)
+    assert now["budget"] == {
+        "day": today.isoformat(),
+        "spent_usd": pytest.approx(total),
+        "limit_usd": 1.0,
+        "exhausted": False,
+    }
+    console = Console(record=True, width=240)
+    render(found, console)
+    render_status(now, console)
+    shown = console.export_text()
+    assert "Most expensive ticks" in shown and f"{top['usd']:.4f}" in shown and "of $1.0000" in shown
+    assert "<h2>Cost</h2>" in page(found) and top["tick"] in page(found)
 
 
 async def test_a_persona_budget_crossed_mid_tick_stops_after_the_turn_rates_and_loses_no_call(
@@ -233,6 +269,11 @@ async def test_two_replicas_on_one_postgresql_journal_hold_the_fleet_budget(
         assert dispatchers[0].budget.spent_usd == pytest.approx(charged, abs=1e-9)
         assert metrics.REGISTRY.get_sample_value("persona_budget_exhausted") == 1
         assert metrics.REGISTRY.get_sample_value("persona_budget_limit_usd", {"scope": "fleet"}) == limit
+        app = httpx.ASGITransport(app=build_app(replicas[1], dispatchers[1]))
+        async with httpx.AsyncClient(transport=app, base_url="http://runner") as http:
+            health = (await http.get("/health")).json()
+        assert health["budget"]["exhausted"] is True and health["budget"]["limitUsd"] == limit
+        assert health["budget"]["spentUsd"] == pytest.approx(charged, abs=1e-6)
         assert _by_tick(fake_anthropic, ticks_by_prompt).keys() == claude.keys()  # no Claude tick since
         claimed = await _rows(replicas[0], sa.select(ticks.c.tick_id, ticks.c.state, ticks.c.outcome))
         played = {a["tickId"] for a in await mana.get("actions")}

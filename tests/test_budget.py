@@ -228,8 +228,10 @@ async def test_two_replicas_on_one_postgresql_journal_hold_the_fleet_budget(
             "tickCadence": "daily",
         }
         await mana.post("personas", spec)
-    # About what a tick costs here (~$0.007), and a power of two: five reservations sum to the limit exactly.
-    tick_usd = 1 / 128
+    # A little under what a tick costs here ($0.0055 to $0.0075, by how the cache is hit), and exact in
+    # binary: five reservations sum to the limit exactly, and five ticks spend more than four of them, so
+    # the fleet has no room for a sixth whatever each one cost.
+    tick_usd = 3 / 512
     limit = 5 * tick_usd
     settings = _claude(
         mana,
@@ -259,6 +261,11 @@ async def test_two_replicas_on_one_postgresql_journal_hold_the_fleet_budget(
         # All twenty claims came before any tick ended: exactly five reservations fit, whichever replica took them.
         assert len(claude) == 5, (len(claude), charged)  # 10 when the advisory lock is taken out
         assert charged <= limit + bound, (charged, limit, bound)
+        await asyncio.gather(*(r.outbox.flush() for r in replicas))
+        # A tick that spent past its reservation found no room to extend it: stopped after that turn, rated, sealed ok.
+        stops = [a for a in await mana.get("actions") if a["toolName"] == "__budget"]
+        assert stops and all("fleet budget" in a["errorMessage"] and a["result"] == "ok" for a in stops)
+        assert {a["tickId"] for a in stops} <= {a["tickId"] for a in await mana.get("feedback")}
         recorded = await _rows(replicas[0], sa.select(sa.func.sum(model_calls.c.cost_usd)))
         assert recorded[0][0] == pytest.approx(charged, abs=1e-9)
 

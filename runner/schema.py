@@ -240,6 +240,23 @@ persona_last = sa.Table(
     info=_V4,
 )
 # --- Cost (step 5): every model call's usage, priced; written as the call's answer arrives ---
+USAGE_TOKENS: tuple[str, ...] = (
+    "input_tokens",
+    "output_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_read_tokens",
+)
+
+
+def _usage_columns() -> list[sa.Column[Any]]:
+    """What one call, or a day's calls, used: each kind of token (as priced) and the cost in USD."""
+    return [
+        *(sa.Column(name, sa.Integer, nullable=False) for name in USAGE_TOKENS),
+        sa.Column("cost_usd", sa.Float, nullable=False),
+    ]
+
+
 # A row per model call of a tick (day turns and the rating), so a tick's cost is the sum of its own
 # rows and nothing counted is lost when a tick is cut; pruned with the tick.
 model_calls = sa.Table(
@@ -249,12 +266,7 @@ model_calls = sa.Table(
     sa.Column("seq", sa.Integer, primary_key=True),
     sa.Column("persona_id", sa.String(255), nullable=False),
     sa.Column("model", sa.String(255), nullable=False),
-    sa.Column("input_tokens", sa.Integer, nullable=False),
-    sa.Column("output_tokens", sa.Integer, nullable=False),
-    sa.Column("cache_write_5m_tokens", sa.Integer, nullable=False),
-    sa.Column("cache_write_1h_tokens", sa.Integer, nullable=False),
-    sa.Column("cache_read_tokens", sa.Integer, nullable=False),
-    sa.Column("cost_usd", sa.Float, nullable=False),
+    *_usage_columns(),
     sa.Column("at", sa.Float, nullable=False),  # database clock: which UTC day the money was spent on
     info=_V5,
 )
@@ -269,12 +281,7 @@ cost_days = sa.Table(
     sa.Column("persona_id", sa.String(255), primary_key=True),
     sa.Column("model", sa.String(255), primary_key=True),
     sa.Column("calls", sa.Integer, nullable=False),
-    sa.Column("input_tokens", sa.Integer, nullable=False),
-    sa.Column("output_tokens", sa.Integer, nullable=False),
-    sa.Column("cache_write_5m_tokens", sa.Integer, nullable=False),
-    sa.Column("cache_write_1h_tokens", sa.Integer, nullable=False),
-    sa.Column("cache_read_tokens", sa.Integer, nullable=False),
-    sa.Column("cost_usd", sa.Float, nullable=False),
+    *_usage_columns(),
     info=_V5,
     sqlite_with_rowid=False,
 )

@@ -158,7 +158,7 @@ class Dispatcher:
             return
         budget = self._rt.tick_deps.config.budget
         limit = budget.fleet_usd
-        exhausted = limit is not None and spend.spent_usd + budget.tick_default_usd > limit
+        exhausted = budget.fleet_spent(spend.spent_usd)
         if self._spent_day and self._spent_day != spend.day:
             log.info("fleet budget renewed: a new UTC day", day=spend.day)
             self._spent_day = ""

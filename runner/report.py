@@ -23,7 +23,7 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runner.journal import Journal
-from runner.journal.budget import DAY_S
+from runner.journal.budget import DAY_S, Budget
 from runner.journal.rollup import STAGE_PREFIX, quantile
 from runner.persona import module_of
 from runner.schema import (
@@ -555,9 +555,10 @@ def render_cost(cost: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
-async def status(journal: Journal, today: date, budget_usd: float | None = None) -> dict[str, Any]:
+async def status(journal: Journal, today: date, budget: Budget | None = None) -> dict[str, Any]:
     """What the fleet is doing now, for every replica on the journal: polls, ticks in flight, outbox, today,
     and today's spend (UTC, running reservations included) against BUDGET_USD_PER_DAY."""
+    budget = budget or Budget()
     async with journal.reading() as conn:
         now = float(await conn.scalar(sa.select(clock(conn.dialect.name))) or 0.0)
         replicas = (await conn.execute(sa.select(polls).order_by(sa.desc(polls.c.at)))).all()
@@ -601,8 +602,8 @@ async def status(journal: Journal, today: date, budget_usd: float | None = None)
         "budget": {
             "day": spend.day,
             "spent_usd": spend.spent_usd,
-            "limit_usd": budget_usd,
-            "exhausted": budget_usd is not None and spend.spent_usd >= budget_usd,
+            "limit_usd": budget.fleet_usd,
+            "exhausted": budget.fleet_spent(spend.spent_usd),
         },
     }
 

@@ -112,6 +112,15 @@ def auth_client(settings: Settings, http: httpx.AsyncClient, policy: RetryPolicy
     )
 
 
+def budget_of(settings: Settings) -> Budget:
+    """The daily budgets a tick's claim and model calls are held to, and `status` shows."""
+    return Budget(
+        fleet_usd=settings.budget_usd_per_day,
+        persona_usd=settings.persona_budget_usd_per_day,
+        tick_default_usd=settings.budget_tick_default_usd,
+    )
+
+
 def tick_config(settings: Settings) -> TickConfig:
     """What a tick needs from the settings; the daemon and the persona commands build it alike."""
     return TickConfig(
@@ -126,10 +135,6 @@ def tick_config(settings: Settings) -> TickConfig:
         max_attempts=settings.persona_max_attempts,
         retry_base_s=settings.persona_retry_base_s,
         language=settings.persona_language,
-        budget=Budget(
-            fleet_usd=settings.budget_usd_per_day,
-            persona_usd=settings.persona_budget_usd_per_day,
-            tick_default_usd=settings.budget_tick_default_usd,
-        ),
+        budget=budget_of(settings),
         policy=settings.tool_policy,
     )

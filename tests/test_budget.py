@@ -28,6 +28,7 @@ from runner import metrics
 from runner.agent.loop import Entry, Provider, RatingReply, ToolDef, Turn
 from runner.cost import DEFAULT_PRICES_FILE, cost_usd, load_prices
 from runner.dispatch import Dispatcher, run_once
+from runner.journal import Budget
 from runner.persona import DuePersona
 from runner.report import Thresholds, build, period_of, render, render_status, status
 from runner.report_page import page
@@ -118,7 +119,7 @@ async def test_a_ticks_cost_is_the_priced_usage_the_model_reported_call_by_call(
         costs = {tid: await runtime.journal.tick_cost(tid) for _, tid in report.ticks}
         today = datetime.now(UTC).date()
         found = await build(runtime.journal, period_of(1, today), Thresholds.of(settings))
-        now = await status(runtime.journal, today, budget_usd=1.0)
+        now = await status(runtime.journal, today, Budget(fleet_usd=1.0))
     assert len(report.ticks) == 10
     asked = _by_tick(fake_anthropic, ticks_by_prompt)
     assert asked.keys() == costs.keys()

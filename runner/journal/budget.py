@@ -44,6 +44,10 @@ class Budget:
     def limited(self) -> bool:
         return self.fleet_usd is not None or self.persona_usd is not None
 
+    def fleet_spent(self, spent_usd: float) -> bool:
+        """The fleet's budget counts as spent when a tick expected at the default no longer fits."""
+        return self.fleet_usd is not None and spent_usd + self.tick_default_usd > self.fleet_usd
+
 
 class BudgetSpent(Exception):
     """A claim would pass a daily budget; nothing was claimed. `scope` is fleet or persona."""

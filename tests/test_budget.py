@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 from anthropic.types import Usage
 from conftest import Mana
 from fake_anthropic import FakeAnthropic, asked_tool, default_brain
@@ -249,6 +250,7 @@ async def test_two_replicas_on_one_postgresql_journal_hold_the_fleet_budget(
         replicas = [await stack.enter_async_context(naming_runtime(settings, ticks_by_prompt)) for _ in range(2)]
         assert replicas[0].journal.replica != replicas[1].journal.replica
         dispatchers = [Dispatcher(r, record=True) for r in replicas]
+        logged = stack.enter_context(structlog.testing.capture_logs())
         # Twenty due personas, twenty slots over two replicas: without reservations all would start.
         await asyncio.gather(*(d.poll() for d in dispatchers))
         await asyncio.gather(*(d.wait_idle() for d in dispatchers))
@@ -275,6 +277,9 @@ async def test_two_replicas_on_one_postgresql_journal_hold_the_fleet_budget(
             await d.poll_and_deliver()
         await asyncio.gather(*(d.wait_idle() for d in dispatchers))
         assert all(d.budget.exhausted and d.budget.limit_usd == limit for d in dispatchers)
+        # Fifteen refused claims, and in `pause` fifteen more at this poll: said once per replica and day.
+        said = [e for e in logged if e["event"].startswith("fleet budget spent")]
+        assert 1 <= len(said) <= 2 and all(("scripted" in e["event"]) == (mode == "scripted") for e in said)
         assert dispatchers[0].budget.spent_usd == pytest.approx(charged, abs=1e-9)
         assert metrics.REGISTRY.get_sample_value("persona_budget_exhausted") == 1
         assert metrics.REGISTRY.get_sample_value("persona_budget_limit_usd", {"scope": "fleet"}) == limit

@@ -185,6 +185,12 @@ async def test_a_persona_budget_crossed_mid_tick_stops_after_the_turn_rates_and_
         report = await run_once(runtime)
         recorded = await _rows(runtime, sa.select(model_calls.c.tick_id, model_calls.c.seq, model_calls.c.cost_usd))
         outcomes = await _rows(runtime, sa.select(ticks.c.tick_id, ticks.c.outcome))
+        # The personas' next day (the sandbox's clock) is still today for the budget (the database clock):
+        # a persona whose budget is spent is not claimed, so it spends nothing more.
+        await mana.post("clock", {"now": "2026-11-26T09:30:00+00:00"})
+        asked_before = len(fake_anthropic.exchanges)
+        again = await run_once(runtime)
+    assert again.ticks == [] and len(fake_anthropic.exchanges) == asked_before
     assert report.backlog == 0 and len(report.ticks) == 10
     assert {o for _, o in outcomes} == {"ok"}
     actions, feedback = await mana.get("actions"), await mana.get("feedback")

@@ -238,10 +238,11 @@ async def _status(settings: Settings) -> int:
     """The fleet now, read from the journal (every replica), without writing to it."""
     from runner import report
     from runner.journal import Journal
+    from runner.runtime import budget_of
 
     journal = await Journal.open(settings.journal_location, read_only=True)
     try:
-        state = await report.status(journal, datetime.now(UTC).date())
+        state = await report.status(journal, datetime.now(UTC).date(), budget_of(settings))
     finally:
         await journal.close()
     # A replica polls every TICK_INTERVAL_MS; three missed polls (and a minute's grace) mean it is gone.

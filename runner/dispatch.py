@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
 from runner import metrics
+from runner.journal import BudgetSpent
 from runner.log import get_logger
 from runner.mana.errors import ManaError
 from runner.persona import DuePersona, tick_id, tick_window
-from runner.runtime import Runtime
-from runner.tick import run_tick
+from runner.runtime import Runtime, scripted_factory
+from runner.tick import TickDeps, run_tick
 
 log = get_logger("runner.dispatch")
 
@@ -22,6 +24,16 @@ PRUNE_EVERY_S = 3600.0
 
 class PollError(Exception):
     """GET /due could not be made: wrong key, API down after retries."""
+
+
+@dataclass(slots=True)
+class BudgetState:
+    """The fleet's budget as this replica last saw it (at its last poll), for /health."""
+
+    spent_usd: float = 0.0  # today's (UTC) calls of every replica plus running ticks' unspent reservations
+    limit_usd: float | None = None
+    exhausted: bool = False
+    day: str = ""
 
 
 class Dispatcher:
@@ -44,6 +56,11 @@ class Dispatcher:
         self.paused = runtime.settings.runner_paused
         self.last_due = 0  # personas the last GET /due listed
         metrics.PAUSED.set(int(self.paused))
+        self.budget = BudgetState(limit_usd=runtime.settings.budget_usd_per_day)
+        self._spent_day = ""  # the UTC day a claim found the fleet's budget spent: logged once a day
+        # BUDGET_EXHAUSTED=scripted: the same tick, played offline at no cost.
+        offline = scripted_factory(runtime.settings)
+        self._scripted: TickDeps = dataclasses.replace(runtime.tick_deps, make_provider=offline)
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused
@@ -106,6 +123,7 @@ class Dispatcher:
             await recover(self._rt)
             await self._rt.outbox.deliver()
             await self._prune_hourly()
+            await self.publish_budget()
             started = await self.poll()
             await self._note_poll("paused" if self.paused else "ok", started)
         except PollError as exc:
@@ -127,6 +145,44 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - the journal's trouble shows at the next tick's write
             log.warning("poll not recorded", error=str(exc))
 
+    async def publish_budget(self) -> None:
+        """Today's fleet spend from the journal into /health and the budget gauges.
+
+        Spent means a tick expected at BUDGET_TICK_DEFAULT_USD no longer fits (a claim refused between
+        two polls says so at once). Today's calls are what counts, so a new UTC day clears it.
+        """
+        try:
+            spend = await self._rt.journal.fleet_spend()
+        except Exception as exc:  # noqa: BLE001 - only a reading; the next poll tries again
+            log.warning("budget not read", error=str(exc))
+            return
+        budget = self._rt.tick_deps.config.budget
+        limit = budget.fleet_usd
+        exhausted = budget.fleet_spent(spend.spent_usd)
+        if self._spent_day and self._spent_day != spend.day:
+            log.info("fleet budget renewed: a new UTC day", day=spend.day)
+            self._spent_day = ""
+        self._set_budget(BudgetState(spend.spent_usd, limit, exhausted, spend.day))
+
+    def _set_budget(self, state: BudgetState) -> None:
+        self.budget = state
+        metrics.BUDGET_SPENT.labels(scope="fleet").set(state.spent_usd)
+        metrics.BUDGET_LIMIT.labels(scope="fleet").set(state.limit_usd or 0)
+        metrics.BUDGET_EXHAUSTED.set(int(state.exhausted))
+
+    def _budget_spent(self, spent: BudgetSpent) -> bool:
+        """A claim found a budget spent: True when the tick is to play scripted instead of waiting."""
+        if spent.scope != "fleet":
+            log.debug("persona budget spent: its ticks wait for the next UTC day", reason=str(spent))
+            return False
+        scripted = self._rt.settings.budget_exhausted == "scripted"
+        if self._spent_day != spent.day:  # once per day and replica, not once per persona and poll
+            self._spent_day = spent.day
+            then = "new ticks play scripted at no cost" if scripted else "new ticks wait for the next UTC day"
+            log.warning(f"fleet budget spent: {then}", reason=str(spent))
+        self._set_budget(BudgetState(spent.spent, spent.limit, True, spent.day))
+        return scripted
+
     async def _prune_hourly(self) -> None:
         now = time.time()
         if now - self._pruned_at < PRUNE_EVERY_S:
@@ -143,12 +199,20 @@ class Dispatcher:
             try:
                 window = tick_window(persona.tick_cadence, server_time)
                 tid = tick_id(persona.user_id, window)
-                claim = await self._rt.journal.claim(persona.user_id, window, tid)
+                deps = self._rt.tick_deps
+                try:
+                    claim = await self._rt.journal.claim(persona.user_id, window, tid, deps.config.budget)
+                except BudgetSpent as spent:
+                    if not self._budget_spent(spent):
+                        return  # nothing was claimed: the persona waits
+                    # No reservation: the scripted player costs nothing.
+                    deps = self._scripted
+                    claim = await self._rt.journal.claim(persona.user_id, window, tid)
                 if claim is None:
                     return  # done in this window, or waiting for its retry time
                 if self.claimed is not None:
                     self.claimed.append((persona, claim.tick_id))
-                await run_tick(self._rt.tick_deps, persona, claim, window)
+                await run_tick(deps, persona, claim, window)
             except Exception as exc:  # noqa: BLE001 - e.g. the journal's disk is full; keep the others going
                 metrics.ERRORS.labels(stage="tick").inc()
                 log.exception("tick crashed", persona=persona.email, error=str(exc))

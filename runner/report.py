@@ -1,5 +1,6 @@
 """What the personas found, and what the fleet is doing now, read from the journal only: findings, rating
-trends, tools, coverage, personas (`report`), and polls, ticks in flight, outbox, today's ticks (`status`).
+trends, tools, coverage, personas, cost (`report`), and polls, ticks in flight, outbox, today's ticks and
+spend against the budget (`status`).
 
 It reads the read model that sealing keeps (runner/journal/rollup.py), never the raw rows' totals, so
 a report covers every replica on a shared journal and stays whole after pruning. Every number comes
@@ -22,14 +23,18 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runner.journal import Journal
+from runner.journal.budget import DAY_S, Budget
 from runner.journal.rollup import STAGE_PREFIX, quantile
 from runner.persona import module_of
 from runner.schema import (
     LATENCY_BUCKETS,
+    calls,
     catalogue,
     clock,
+    cost_days,
     finding_days,
     findings,
+    model_calls,
     persona_last,
     polls,
     ratings,
@@ -99,6 +104,7 @@ async def build(journal: Journal, period: Period, thresholds: Thresholds) -> dic
             "personas": await _personas(conn, period),
             "notes": await _lowest_notes(conn, period),
             "ratings_by_day": await _ratings_by_day(conn, period),
+            "cost": await _cost(conn, period),
         }
 
 
@@ -365,6 +371,73 @@ async def _ratings_by_day(conn: AsyncConnection, period: Period) -> dict[str, di
     return dict(series)
 
 
+# The most expensive ticks the report lists.
+COSTLY_TICKS = 10
+# The module a tick's cost goes to when it called no tool (a quiet day, a tick cut before its first call).
+NO_TOOL = "__tick"
+
+
+async def _cost(conn: AsyncConnection, period: Period) -> dict[str, Any]:
+    """USD by UTC day and persona from the daily cost rollup (kept after pruning); the most expensive
+    ticks and the split by module from the raw rows, so within RUNNER_RETENTION_DAYS only."""
+    in_days = _in(period.days, cost_days.c.day)
+    usd, n = sa.func.sum(cost_days.c.cost_usd), sa.func.sum(cost_days.c.calls)
+    by_day = (
+        await conn.execute(
+            sa.select(cost_days.c.day, usd, n).where(in_days).group_by(cost_days.c.day).order_by(cost_days.c.day)
+        )
+    ).all()
+    by_persona = (
+        await conn.execute(
+            sa.select(cost_days.c.persona_id, usd, n)
+            .where(in_days)
+            .group_by(cost_days.c.persona_id)
+            .order_by(usd.desc())
+        )
+    ).all()
+    start = datetime.combine(period.since, datetime.min.time(), UTC).timestamp()
+    in_period = sa.and_(
+        model_calls.c.at >= start, model_calls.c.at < start + DAY_S * ((period.until - period.since).days + 1)
+    )
+    per_tick = (
+        await conn.execute(
+            sa.select(
+                model_calls.c.tick_id, model_calls.c.persona_id, sa.func.sum(model_calls.c.cost_usd), sa.func.count()
+            )
+            .where(in_period)
+            .group_by(model_calls.c.tick_id, model_calls.c.persona_id)
+        )
+    ).all()
+    priced = sa.select(model_calls.c.tick_id).where(in_period)
+    tools_used = (
+        await conn.execute(
+            sa.select(calls.c.tick_id, calls.c.tool_name, sa.func.count())
+            .where(calls.c.tick_id.in_(priced))
+            .group_by(calls.c.tick_id, calls.c.tool_name)
+        )
+    ).all()
+    modules_of: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for tick_id, tool, count in tools_used:
+        modules_of[tick_id][module_of(tool)] += int(count)
+    by_module: dict[str, float] = defaultdict(float)
+    for tick_id, _, cost, _ in per_tick:
+        used = modules_of.get(tick_id) or {NO_TOOL: 1}
+        total = sum(used.values())
+        for module, count in used.items():  # a tick's cost split by its calls' share
+            by_module[module] += float(cost) * count / total
+    costly = sorted(per_tick, key=lambda r: -float(r[2]))[:COSTLY_TICKS]
+    return {
+        "total_usd": sum(float(r[1]) for r in by_day),
+        "by_day": [{"day": d, "usd": float(c), "calls": int(k)} for d, c, k in by_day],
+        "by_persona": [{"persona": p, "usd": float(c), "calls": int(k)} for p, c, k in by_persona],
+        "by_module": [{"module": m, "usd": c} for m, c in sorted(by_module.items(), key=lambda kv: -kv[1])],
+        "costly_ticks": [
+            {"tick": t, "persona": p, "usd": float(c), "model_calls": int(k), "modules": sorted(modules_of.get(t, {}))}
+            for t, p, c, k in costly
+        ],
+    }
+
+
 _SINCE = re.compile(r"(?P<n>[1-9][0-9]{0,3})(?P<unit>[dw])")
 
 
@@ -465,10 +538,33 @@ def render(report: dict[str, Any], console: Console) -> None:
             last["space"] or "-",
         )
     console.print(table)
+    render_cost(report["cost"], console)
 
 
-async def status(journal: Journal, today: date) -> dict[str, Any]:
-    """What the fleet is doing now, for every replica on the journal: polls, ticks in flight, outbox, today."""
+def render_cost(cost: dict[str, Any], console: Console) -> None:
+    console.print(f"Cost: ${cost['total_usd']:.4f} in the period")
+    table = _titled("Cost per day (UTC)", "day", "USD", "model calls")
+    for d in cost["by_day"]:
+        table.add_row(d["day"], f"{d['usd']:.4f}", str(d["calls"]))
+    console.print(table)
+    table = _titled("Cost per persona", "persona", "USD", "model calls")
+    for p in cost["by_persona"]:
+        table.add_row(p["persona"], f"{p['usd']:.4f}", str(p["calls"]))
+    console.print(table)
+    table = _titled("Cost per module (split by calls, within retention)", "module", "USD")
+    for m in cost["by_module"]:
+        table.add_row(m["module"], f"{m['usd']:.4f}")
+    console.print(table)
+    table = _titled("Most expensive ticks (within retention)", "tick", "persona", "USD", "model calls", "modules")
+    for t in cost["costly_ticks"]:
+        table.add_row(t["tick"], t["persona"], f"{t['usd']:.4f}", str(t["model_calls"]), ",".join(t["modules"]))
+    console.print(table)
+
+
+async def status(journal: Journal, today: date, budget: Budget | None = None) -> dict[str, Any]:
+    """What the fleet is doing now, for every replica on the journal: polls, ticks in flight, outbox, today,
+    and today's spend (UTC, running reservations included) against BUDGET_USD_PER_DAY."""
+    budget = budget or Budget()
     async with journal.reading() as conn:
         now = float(await conn.scalar(sa.select(clock(conn.dialect.name))) or 0.0)
         replicas = (await conn.execute(sa.select(polls).order_by(sa.desc(polls.c.at)))).all()
@@ -486,6 +582,7 @@ async def status(journal: Journal, today: date) -> dict[str, Any]:
                 .group_by(sa.func.coalesce(ticks.c.outcome, ticks.c.state))
             )
         ).all()
+    spend = await journal.fleet_spend()
     return {
         "replicas": [
             {
@@ -508,6 +605,12 @@ async def status(journal: Journal, today: date) -> dict[str, Any]:
             for b in await journal.problem_batches()
         ],
         "today": {"day": today.isoformat(), **{str(k): int(n) for k, n in outcomes}},
+        "budget": {
+            "day": spend.day,
+            "spent_usd": spend.spent_usd,
+            "limit_usd": budget.fleet_usd,
+            "exhausted": budget.fleet_spent(spend.spent_usd),
+        },
     }
 
 
@@ -537,6 +640,12 @@ def render_status(state: dict[str, Any], console: Console) -> None:
     today = dict(state["today"])
     day = today.pop("day")
     console.print(f"today ({day}): " + (" ".join(f"{k}={v}" for k, v in sorted(today.items())) or "no ticks"))
+    budget = state["budget"]
+    limit = "no budget set" if budget["limit_usd"] is None else f"of ${budget['limit_usd']:.4f}"
+    spent = " [red]SPENT[/red]" if budget["exhausted"] else ""
+    console.print(
+        f"spend ({budget['day']} UTC, running ticks' reservations included): ${budget['spent_usd']:.4f} {limit}{spent}"
+    )
 
 
 def progress(state: dict[str, Any], total: int, emails: dict[str, str]) -> Group:

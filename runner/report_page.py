@@ -159,9 +159,30 @@ def page(report: dict[str, Any]) -> str:
             f"<p>{cov['exercised']} of {cov['served']} served tools exercised. Never called: "
             f"{escape(', '.join(cov['never_called']) or 'none')}. Asked for without a tool: "
             f"{escape(', '.join(cov['demand_without_tool']) or 'none')}.</p>",
+            *_cost(report["cost"]),
             "</body></html>",
         ]
     )
+
+
+def _cost(cost: dict[str, Any]) -> list[str]:
+    usd = "{:.4f}".format
+    return [
+        f"<h2>Cost</h2><p>USD {usd(cost['total_usd'])} in the period; "
+        "per module and per tick within the journal's retention.</p>",
+        _table(("day (UTC)", "USD", "model calls"), [(d["day"], usd(d["usd"]), d["calls"]) for d in cost["by_day"]]),
+        _table(
+            ("persona", "USD", "model calls"), [(p["persona"], usd(p["usd"]), p["calls"]) for p in cost["by_persona"]]
+        ),
+        _table(("module", "USD"), [(m["module"], usd(m["usd"])) for m in cost["by_module"]]),
+        _table(
+            ("most expensive tick", "persona", "USD", "model calls", "modules"),
+            [
+                (t["tick"], t["persona"], usd(t["usd"]), t["model_calls"], ", ".join(t["modules"]))
+                for t in cost["costly_ticks"]
+            ],
+        ),
+    ]
 
 
 def _num(value: float | None) -> str:

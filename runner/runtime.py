@@ -10,7 +10,7 @@ import httpx
 
 from runner import tracing
 from runner.agent.providers.scripted import ScriptedProvider
-from runner.journal import Journal
+from runner.journal import Budget, Journal
 from runner.log import register_secret
 from runner.mana.auth import AuthClient, LoginLimiter
 from runner.mana.errors import RetryPolicy
@@ -31,12 +31,17 @@ class Runtime:
     tick_deps: TickDeps
 
 
+def scripted_factory(settings: Settings) -> ProviderFactory:
+    """The offline player: no model, no cost (LLM_PROVIDER=scripted, and BUDGET_EXHAUSTED=scripted)."""
+    seed, latency_ms = settings.scripted_seed, settings.scripted_latency_ms
+    return lambda p, tid: ScriptedProvider(f"{seed}:{tid}", p.module_mix, latency_ms)
+
+
 @asynccontextmanager
 async def provider_factory(settings: Settings) -> AsyncIterator[ProviderFactory]:
     """The model the settings choose, one provider per tick; Claude's client lives as long as the block."""
     if settings.llm_provider == "scripted":
-        seed, latency_ms = settings.scripted_seed, settings.scripted_latency_ms
-        yield lambda p, tid: ScriptedProvider(f"{seed}:{tid}", p.module_mix, latency_ms)
+        yield scripted_factory(settings)
         return
     # Imported only here: the Anthropic SDK's models take seconds to import, and the scripted player,
     # the tests that bring their own provider and every command but serve/once/demo never use them.
@@ -107,6 +112,15 @@ def auth_client(settings: Settings, http: httpx.AsyncClient, policy: RetryPolicy
     )
 
 
+def budget_of(settings: Settings) -> Budget:
+    """The daily budgets a tick's claim and model calls are held to, and `status` shows."""
+    return Budget(
+        fleet_usd=settings.budget_usd_per_day,
+        persona_usd=settings.persona_budget_usd_per_day,
+        tick_default_usd=settings.budget_tick_default_usd,
+    )
+
+
 def tick_config(settings: Settings) -> TickConfig:
     """What a tick needs from the settings; the daemon and the persona commands build it alike."""
     return TickConfig(
@@ -121,6 +135,7 @@ def tick_config(settings: Settings) -> TickConfig:
         max_attempts=settings.persona_max_attempts,
         retry_base_s=settings.persona_retry_base_s,
         language=settings.persona_language,
+        budget=budget_of(settings),
         policy=settings.tool_policy,
         space_modules=settings.space_modules,
         shared_share=settings.persona_shared_space_share,

@@ -28,6 +28,7 @@ _V2 = {"since": 2}
 _V3 = {"since": 3}
 _V4 = {"since": 4}
 _V5 = {"since": 5}
+_V6 = {"since": 6}
 
 ticks = sa.Table(
     "ticks",
@@ -47,6 +48,8 @@ ticks = sa.Table(
     sa.Column("lease_until", sa.Float, info=_V2),
     # The last step the tick journaled (login, mcp, play, seal), for `python -m runner status`.
     sa.Column("stage", sa.String(16), info=_V4),
+    # USD this tick reserved of the fleet's daily budget at claim (and extensions since); 0 when none.
+    sa.Column("reserved_usd", sa.Float, info=_V6),
     info=_V1,
 )
 # A claim is the insert of this row: the database, not a process, says who got the window.
@@ -239,6 +242,52 @@ persona_last = sa.Table(
     sa.Column("sealed_at", sa.Float, nullable=False),
     info=_V4,
 )
+# --- Cost (step 5): every model call's usage, priced; written as the call's answer arrives ---
+USAGE_TOKENS: tuple[str, ...] = (
+    "input_tokens",
+    "output_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_read_tokens",
+)
+
+
+def _usage_columns() -> list[sa.Column[Any]]:
+    """What one call, or a day's calls, used: each kind of token (as priced) and the cost in USD."""
+    return [
+        *(sa.Column(name, sa.Integer, nullable=False) for name in USAGE_TOKENS),
+        sa.Column("cost_usd", sa.Float, nullable=False),
+    ]
+
+
+# A row per model call of a tick (day turns and the rating), so a tick's cost is the sum of its own
+# rows and nothing counted is lost when a tick is cut; pruned with the tick.
+model_calls = sa.Table(
+    "model_calls",
+    _meta,
+    sa.Column("tick_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("persona_id", sa.String(255), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False),
+    *_usage_columns(),
+    sa.Column("at", sa.Float, nullable=False),  # database clock: which UTC day the money was spent on
+    info=_V6,
+)
+# Today's spend is summed over this index's range (the budget check at every claim and model call).
+sa.Index("ix_model_calls_at", model_calls.c.at, info=_V6)
+sa.Index("ix_model_calls_persona_at", model_calls.c.persona_id, model_calls.c.at, info=_V6)
+# Cost per UTC day, persona and model, upserted with each call: outlives the pruning of raw ticks.
+cost_days = sa.Table(
+    "cost_days",
+    _meta,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("persona_id", sa.String(255), primary_key=True),
+    sa.Column("model", sa.String(255), primary_key=True),
+    sa.Column("calls", sa.Integer, nullable=False),
+    *_usage_columns(),
+    info=_V6,
+    sqlite_with_rowid=False,
+)
 # /ready's write probe: opening a read-only file succeeds; only a write tells.
 ready_probe = sa.Table("ready_probe", _meta, sa.Column("at", sa.Float), info=_V1)
 migrations = sa.Table(
@@ -257,6 +306,7 @@ STEPS: tuple[str, ...] = (
     "vaults: personas known to have an encryption vault",
     "report: daily rollup, findings, catalogue, last ticks, polls, tick stage",
     "space types: the type of the space each tick played in",
+    "budgets: model calls with their cost, daily cost per persona and model, tick reservations",
 )
 SCHEMA_VERSION = len(STEPS)
 # Columns the unversioned releases added at open with ALTER TABLE; an old journal may lack them.

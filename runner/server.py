@@ -50,6 +50,13 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
                 # Which replica answers, and on which journal: tells replicas apart in one look.
                 "replica": runtime.journal.replica,
                 "journal": runtime.journal.kind,
+                # As of this replica's last poll: every replica's spend today, the open reservations included.
+                "budget": {
+                    "spentUsd": round(dispatcher.budget.spent_usd, 6),
+                    "limitUsd": dispatcher.budget.limit_usd,
+                    "exhausted": dispatcher.budget.exhausted,
+                    "day": dispatcher.budget.day,
+                },
             }
         )
 
@@ -84,6 +91,7 @@ def build_app(runtime: Runtime, dispatcher: Dispatcher) -> Starlette:
     async def metrics_endpoint(_: Request) -> Response:
         await runtime.outbox.publish()
         await _publish_ratings(runtime.journal, thresholds)
+        await dispatcher.publish_budget()  # fresh at every scrape, not only as of the last poll
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def diag_login(request: Request) -> Response:

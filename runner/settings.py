@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     persona_shared_space_share: float = Field(default=0.0, ge=0, le=1)
     persona_scope_probe: bool = False
 
+    # Spending ceilings per UTC day, in USD, summed over every replica on the journal; unset: none.
+    budget_usd_per_day: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    persona_budget_usd_per_day: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # When the fleet's budget is spent: new ticks wait for the next day, or play scripted at no cost.
+    budget_exhausted: Literal["pause", "scripted"] = "pause"
+    # What a tick is expected to cost when its persona has no recent tick to go by (reserved at claim).
+    budget_tick_default_usd: float = Field(default=0.02, gt=0, allow_inf_nan=False)
+
     persona_seed_secret: SecretStr = SecretStr(DEV_SEED_SECRET)
     # At most a day: the scheduler's clock arithmetic overflows on absurd values (1e20).
     tick_interval_ms: int = Field(default=60_000, ge=100, le=86_400_000)

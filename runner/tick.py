@@ -22,11 +22,11 @@ import structlog
 from opentelemetry import trace
 
 from runner import metrics, tracing
-from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, play
+from runner.agent.loop import ModelUnavailable, Play, Provider, ToolCall, ToolDef, ToolResult, Usage, play
 from runner.agent.policy import Decision, SpaceScope, ToolPolicy, summary
 from runner.agent.prompts import Language, SharedPlace, liked_modules, rating_prompt, system_prompt
 from runner.agent.rating import RATING_TOOL, parse_failure_row, parse_ratings
-from runner.journal import Claim, Journal
+from runner.journal import Budget, Claim, Journal
 from runner.log import get_logger
 from runner.mana.auth import AuthClient
 from runner.mana.errors import ApiError, ManaError, PermanentError, TransportError
@@ -39,6 +39,8 @@ from runner.spaces import SpaceModules, draw, shared_spaces
 log = get_logger("runner.tick")
 
 Outcome = Literal["ok", "failed", "timeout", "interrupted", "deferred"]
+# The action row of a tick a budget ended early (result ok: the day happened, only shorter).
+BUDGET_ROW = "__budget"
 ProviderFactory = Callable[[DuePersona, str], Provider]
 
 
@@ -52,6 +54,8 @@ class TickConfig:
     retry_base_s: float
     language: Language
     call_timeout_s: float = 60.0
+    # The daily budgets every model call is checked against (runner/journal/budget.py); none by default.
+    budget: Budget = field(default_factory=Budget)
     policy: ToolPolicy = field(default_factory=ToolPolicy)
     # One TLS context for every MCP session of the process, built once.
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
@@ -82,6 +86,7 @@ class _Progress:
     session: PersonaSession | None = None
     gateway: McpGateway | None = None
     deadline: asyncio.Timeout | None = None
+    budget_stop: str | None = None  # why a budget ended the day early, for its `__budget` row
 
     @asynccontextmanager
     async def login_wait(self) -> AsyncIterator[None]:
@@ -125,6 +130,8 @@ async def _run_tick(deps: TickDeps, persona: DuePersona, claim: Claim) -> Outcom
         _stage(progress, "seal")
         # A quiet day still leaves a row: without one the persona stays due and runs at every poll.
         tick_row = None if progress.play.calls else ActionRow(TICK_ROW, "ok")
+        if progress.budget_stop is not None:
+            tick_row = ActionRow(BUDGET_ROW, "ok", error_message=progress.budget_stop)
         if not await deps.journal.seal(claim.tick_id, "ok", tick_row):
             return _lease_lost(claim, started)
         log.info("tick done", calls=progress.play.calls, modules=modules)
@@ -310,8 +317,18 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         call_tool = _JournaledCalls(deps.journal, claim.tick_id, gateway, offered_names, first_seq)
         progress.calls = call_tool
 
+        async def on_usage(usage: Usage) -> bool:
+            # Journaled as the answer arrives, so a tick cut later still has every call it paid for.
+            stop = await deps.journal.record_model_call(claim.tick_id, persona.user_id, usage, config.budget)
+            if stop is not None:
+                progress.budget_stop = stop
+                log.warning("budget stops the day after this turn", reason=stop)
+            return stop is None
+
         _stage(progress, "play")
-        await play(provider, system, tools, call_tool, max_turns=config.max_turns, state=progress.play)
+        await play(
+            provider, system, tools, call_tool, max_turns=config.max_turns, state=progress.play, on_usage=on_usage
+        )
         metrics_usage(progress.play)
     # The session is closed before the rating: it needs only the transcript, and a connection
     # dropping meanwhile must not cost the persona its ratings.
@@ -327,6 +344,8 @@ async def _play_day(deps: TickDeps, persona: DuePersona, claim: Claim, progress:
         )
         progress.play.usage.add(reply.usage)
         metrics_usage(progress.play)
+        # The rating is the day's last call: recorded, but it never stops anything (the day is over).
+        await deps.journal.record_model_call(claim.tick_id, persona.user_id, reply.usage)
         rows = parse_ratings(reply.payload, used)
         feedback = rows if rows is not None else [parse_failure_row(reply.raw)]
     except Exception as exc:  # noqa: BLE001 - the day happened; a failed rating must not lose it

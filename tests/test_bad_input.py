@@ -83,6 +83,15 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
         ("OUTBOX_PARK_AFTER", "0", "OUTBOX_PARK_AFTER"),
         ("HTTP_HOST", "not a host", "IP address or a host name"),
         ("HTTP_HOST", "::", None),
+        ("BUDGET_USD_PER_DAY", "-1", "greater than or equal to 0"),
+        ("BUDGET_USD_PER_DAY", "ten dollars", "valid number"),
+        ("BUDGET_USD_PER_DAY", "nan", "finite number"),
+        ("BUDGET_USD_PER_DAY", "2.50", None),
+        ("PERSONA_BUDGET_USD_PER_DAY", "-0.01", "greater than or equal to 0"),
+        ("PERSONA_BUDGET_USD_PER_DAY", "1e", "valid number"),
+        ("BUDGET_TICK_DEFAULT_USD", "-5", "greater than 0"),
+        ("BUDGET_EXHAUSTED", "stop", "'pause' or 'scripted'"),
+        ("BUDGET_EXHAUSTED", "scripted", None),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2(variable: str, value: str, says: str | None, tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ class ToolResult:
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0  # every cache write, 5-minute and 1-hour
+    cache_creation_1h_tokens: int = 0  # of which written for an hour (billed at the 1-hour rate)
     cache_read_input_tokens: int = 0
     # Priced by the provider, which knows its model and that model's row of the price table.
     cost_usd: float = 0.0
@@ -52,6 +53,7 @@ class Usage:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cache_creation_input_tokens += other.cache_creation_input_tokens
+        self.cache_creation_1h_tokens += other.cache_creation_1h_tokens
         self.cache_read_input_tokens += other.cache_read_input_tokens
         self.cost_usd += other.cost_usd
         self.model = other.model or self.model
@@ -106,6 +108,8 @@ class Provider(Protocol):
 
 
 CallTool = Callable[[ToolCall], Awaitable[ToolResult]]
+# Told each model turn's usage as soon as it is known; False ends the day after this turn's calls.
+OnUsage = Callable[[Usage], Awaitable[bool]]
 
 
 @dataclass(slots=True)
@@ -114,21 +118,31 @@ class Play:
     usage: Usage = field(default_factory=Usage)
     calls: int = 0
     summary: str = ""
+    stopped: bool = False  # the day was ended by `on_usage` (a budget), not by the model or the turn limit
 
 
 async def play(
-    provider: Provider, system: str, tools: list[ToolDef], call_tool: CallTool, *, max_turns: int, state: Play
+    provider: Provider,
+    system: str,
+    tools: list[ToolDef],
+    call_tool: CallTool,
+    *,
+    max_turns: int,
+    state: Play,
+    on_usage: OnUsage | None = None,
 ) -> Play:
-    """Run turns until the model stops calling tools or the turn budget is spent.
+    """Run turns until the model stops calling tools, the turn budget is spent, or `on_usage` says stop.
 
     `state` is filled in place, so a caller that times out still holds what happened.
     Every tool_use gets its tool_result in the next entry, several per turn included:
-    the API refuses a transcript with an unanswered call.
+    the API refuses a transcript with an unanswered call. So a stop asked for by `on_usage`
+    comes after the turn's calls: the money of that turn is spent already, its calls are the day.
     """
     for _ in range(max_turns):
         turn = await provider.next_turn(system, tools, state.transcript)
         state.transcript.append(turn)
         state.usage.add(turn.usage)
+        go_on = await on_usage(turn.usage) if on_usage is not None else True
         if turn.text:
             state.summary = turn.text
         if not turn.calls:
@@ -142,6 +156,9 @@ async def play(
             result = await call_tool(call)
             results.append(ToolResult(result.call_id, bound(result.text), result.is_error))
         state.transcript.append(Results(results))
+        if not go_on:
+            state.stopped = True
+            break
         if state.calls >= MAX_CALLS_PER_TICK:
             break
     return state

@@ -2,6 +2,7 @@
 
 One package, a module per concern, each a part of `Journal`:
   store.py       opening the database, its owner lock, one write transaction, the database clock
+  budget.py      model calls and their cost per day; the fleet's and each persona's daily budget
   ticks.py       the write path of a tick: claim, lease, calls, ratings, seal; recovery; pruning
   batches.py     the outbox's batches and their delivery state
   remembered.py  what is kept per persona across ticks: login blocks, personal spaces, vaults
@@ -26,6 +27,7 @@ left running is abandoned.
 from __future__ import annotations
 
 from runner.journal.batches import ACTIONS_PER_BATCH, UNSENT, Batch, BatchState, BatchStatus, Outbox
+from runner.journal.budget import Budget, BudgetSpent, FleetSpend
 from runner.journal.polls import Polls
 from runner.journal.remembered import Remembered
 from runner.journal.rollup import ReadModel
@@ -44,6 +46,9 @@ __all__ = [
     "Batch",
     "BatchState",
     "BatchStatus",
+    "Budget",
+    "BudgetSpent",
+    "FleetSpend",
     "Claim",
     "Journal",
     "JournalError",

@@ -19,10 +19,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runner.journal.batches import freeze
+from runner.journal.budget import Budget, Costs
 from runner.journal.rollup import SealedCall, SealedTick, record_sealed
-from runner.journal.store import LeaseLost, Store
+from runner.journal.store import LeaseLost
 from runner.persona import PARSE_MODULE, TICK_ROW, ActionRow, FeedbackRow, clean_text
-from runner.schema import batches, calls, ratings, tick_spaces, ticks
+from runner.schema import batches, calls, model_calls, ratings, tick_spaces, ticks
 
 # Rows deleted per prune transaction: SQLite caps bound variables (32766), and a short
 # transaction does not hold the write lock against running ticks for long.
@@ -43,16 +44,20 @@ class TickSummary:
     ratings: list[tuple[str, int]]
 
 
-class TickWrites(Store):
+class TickWrites(Costs):
     """A tick's rows, from its claim to its seal."""
 
-    async def claim(self, persona_id: str, window: str, tick_id: str) -> Claim | None:
+    async def claim(self, persona_id: str, window: str, tick_id: str, budget: Budget | None = None) -> Claim | None:
         """Take (persona, window) for one run; None when it is done, running or not yet due for a retry.
 
         Atomic across replicas: the insert of the tick row is the claim, and a second claimant's
         insert does nothing on the unique (persona, window); a retry is taken by a conditional update.
+        With a `budget` the claim also reserves the tick's expected cost, in the same transaction,
+        or raises BudgetSpent, which rolls the claim back: the window stays free for later.
         """
         async with self._write() as conn:
+            if budget is not None and budget.limited:
+                await self._budget_lock(conn)  # before any row lock: every budget decision queues here first
             now = await self._now(conn)
             await self._supersede_retries(conn, persona_id, tick_id, now)
             # `stage` is the tick's last journaled step, for `python -m runner status`: a claim starts at login.
@@ -72,6 +77,8 @@ class TickWrites(Store):
                 .returning(ticks.c.tick_id)
             )
             if inserted is not None:
+                if budget is not None and budget.limited:
+                    await self._reserve(conn, tick_id, persona_id, budget, now)
                 return Claim(tick_id, 1)
             attempt = await conn.scalar(
                 ticks.update()
@@ -83,7 +90,11 @@ class TickWrites(Store):
                 .values(state="running", attempts=ticks.c.attempts + 1, next_attempt_at=None, **lease)
                 .returning(ticks.c.attempts)
             )
-            return Claim(tick_id, int(attempt)) if attempt is not None else None
+            if attempt is None:
+                return None
+            if budget is not None and budget.limited:
+                await self._reserve(conn, tick_id, persona_id, budget, now)
+            return Claim(tick_id, int(attempt))
 
     async def _supersede_retries(self, conn: AsyncConnection, persona_id: str, tick_id: str, now: float) -> None:
         # A tick still waiting for a retry when its window has passed will never run: close it
@@ -341,7 +352,8 @@ class TickWrites(Store):
                     .scalars()
                     .all()
                 )
-                for table in (calls, ratings, batches, tick_spaces, ticks):
+                # Their cost stays counted in cost_days; the per-call rows go with the tick.
+                for table in (calls, ratings, batches, tick_spaces, model_calls, ticks):
                     await conn.execute(table.delete().where(table.c.tick_id.in_(old)))
             total += len(old)
             if len(old) < PRUNE_CHUNK:

@@ -78,6 +78,7 @@ def _usage(usage: ApiUsage, model: str, price: Price) -> Usage:
         input_tokens=usage.input_tokens or 0,
         output_tokens=usage.output_tokens or 0,
         cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
+        cache_creation_1h_tokens=(usage.cache_creation.ephemeral_1h_input_tokens or 0) if usage.cache_creation else 0,
         cache_read_input_tokens=usage.cache_read_input_tokens or 0,
         cost_usd=cost_usd(usage, price),
         model=model,

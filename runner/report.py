@@ -563,7 +563,8 @@ def render_cost(cost: dict[str, Any], console: Console) -> None:
 
 async def status(journal: Journal, today: date, budget: Budget | None = None) -> dict[str, Any]:
     """What the fleet is doing now, for every replica on the journal: polls, ticks in flight, outbox, today,
-    and today's spend (UTC, running reservations included) against BUDGET_USD_PER_DAY."""
+    today's spend (UTC, running reservations included) against BUDGET_USD_PER_DAY, and today's cost by
+    persona, module and tick."""
     budget = budget or Budget()
     async with journal.reading() as conn:
         now = float(await conn.scalar(sa.select(clock(conn.dialect.name))) or 0.0)
@@ -582,6 +583,7 @@ async def status(journal: Journal, today: date, budget: Budget | None = None) ->
                 .group_by(sa.func.coalesce(ticks.c.outcome, ticks.c.state))
             )
         ).all()
+        cost = await _cost(conn, period_of(1, today))
     spend = await journal.fleet_spend()
     return {
         "replicas": [
@@ -611,6 +613,8 @@ async def status(journal: Journal, today: date, budget: Budget | None = None) ->
             "limit_usd": budget.fleet_usd,
             "exhausted": budget.fleet_spent(spend.spent_usd),
         },
+        # Today's cost by persona, module and tick (the report's cost section for one day).
+        "cost": cost,
     }
 
 
@@ -646,6 +650,8 @@ def render_status(state: dict[str, Any], console: Console) -> None:
     console.print(
         f"spend ({budget['day']} UTC, running ticks' reservations included): ${budget['spent_usd']:.4f} {limit}{spent}"
     )
+    if state["cost"]["total_usd"]:
+        render_cost(state["cost"], console)
 
 
 def progress(state: dict[str, Any], total: int, emails: dict[str, str]) -> Group:

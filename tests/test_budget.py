@@ -161,6 +161,8 @@ async def test_a_ticks_cost_is_the_priced_usage_the_model_reported_call_by_call(
     top = cost["costly_ticks"][0]
     assert top["usd"] == pytest.approx(max(costs.values()), abs=1e-12) and top["tick"] in costs
     assert [t["usd"] for t in cost["costly_ticks"]] == sorted((t["usd"] for t in cost["costly_ticks"]), reverse=True)
+    # status carries today's cost as the report has it for the day: per persona, module and tick.
+    assert now["cost"] == cost
     assert now["budget"] == {
         "day": today.isoformat(),
         "spent_usd": pytest.approx(total),
@@ -172,6 +174,7 @@ async def test_a_ticks_cost_is_the_priced_usage_the_model_reported_call_by_call(
     render_status(now, console)
     shown = console.export_text()
     assert "Most expensive ticks" in shown and f"{top['usd']:.4f}" in shown and "of $1.0000" in shown
+    assert shown.count("Cost per persona") == 2  # the report's and status's
     assert "<h2>Cost</h2>" in page(found) and top["tick"] in page(found)
 
 

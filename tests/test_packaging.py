@@ -11,9 +11,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from procs import ROOT, runner_env, start_runner, start_sandbox
+from procs import ROOT, RunnerProcess, free_port, runner_env, start_runner, start_sandbox
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -77,9 +78,8 @@ def test_dockerfile_install_and_start_in_a_fresh_venv(tmp_path: Path) -> None:
         )
         cmd = tuple(json.loads(dict(steps)["CMD"]))
         assert cmd[:3] == ("python", "-m", "runner")
-        runner = start_runner(environment, tmp_path / "runner.log", args=cmd[3:], python=python, cwd=tmp_path)
+        runner, health = _healthy(environment, tmp_path / "runner.log", cmd[3:], python, tmp_path)
         try:
-            health = runner.wait_healthy(timeout=60)
             assert health["status"] == "ok"
             healthcheck = json.loads(dict(steps)["HEALTHCHECK"].split("CMD", 1)[1])
             probe = subprocess.run([python, *healthcheck[1:]], env=environment, capture_output=True, timeout=30)
@@ -92,6 +92,22 @@ def test_dockerfile_install_and_start_in_a_fresh_venv(tmp_path: Path) -> None:
         assert "runner started" in runner.logs()
     finally:
         sandbox.stop()
+
+
+def _healthy(
+    environment: dict[str, str], log: Path, args: tuple[str, ...], python: str, cwd: Path
+) -> tuple[RunnerProcess, dict[str, Any]]:
+    """The runner up and healthy; started again on another port when the one free_port() chose was
+    taken before the runner bound it (the other test worker may take it in between)."""
+    for _ in range(3):
+        runner = start_runner(environment, log, args=args, python=python, cwd=cwd)
+        try:
+            return runner, runner.wait_healthy(timeout=60)
+        except RuntimeError as exc:
+            if "Address already in use" not in str(exc):
+                raise
+        environment["PORT"] = str(free_port())
+    raise RuntimeError("no free port for the runner after 3 tries")
 
 
 @pytest.mark.parametrize("path", ["compose.yaml", "compose.replicas.yaml", "config/runner.env.example"])

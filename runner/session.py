@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from runner.journal import Journal
 from runner.log import get_logger, register_secret
@@ -113,7 +114,8 @@ class PersonaSession:
             if space is None:
                 self._stage("spaces")
                 listed = await self._auth.spaces_by_bearer(self._login)
-                space = Space(personal_space_of(listed), "bearer") if listed is not None else None
+                if listed is not None:
+                    space = Space(personal_space_of(self._listed(listed)), "bearer")
             if space is None:
                 space = await self._space_by_cookie()
         self._space = space
@@ -141,7 +143,13 @@ class PersonaSession:
     async def _space_by_cookie(self) -> Space:
         """Better Auth's sign-in for this persona's own cookie, then the space list with it."""
         self._stage("spaces")
-        return Space(personal_space_of(await self._auth.spaces_by_cookie(await self._own_cookie())), "cookie")
+        listed = self._listed(await self._auth.spaces_by_cookie(await self._own_cookie()))
+        return Space(personal_space_of(listed), "cookie")
+
+    def _listed(self, answer: list[Any]) -> list[SpaceInfo]:
+        """The space list as read, kept for the session: the shared-space draw and the probe need it too."""
+        self._spaces = spaces_of(answer)
+        return self._spaces
 
     async def _own_cookie(self) -> str:
         """This persona's Better Auth cookie, signed in for once per session."""
@@ -159,7 +167,8 @@ class PersonaSession:
     async def spaces(self) -> list[SpaceInfo]:
         """Every space of the persona with its type: by Bearer where the list takes it, else by the cookie.
 
-        Asked once per session: a tick's shared-space draw and its probe read the same list.
+        Asked at most once per session, and not at all when opening it looked the list up: a tick's
+        shared-space draw and its probe read the same list.
         """
         if self._spaces is None:
             self._stage("spaces")
@@ -168,7 +177,7 @@ class PersonaSession:
             )
             if listed is None:
                 listed = await self._auth.spaces_by_cookie(await self._org_cookie())
-            self._spaces = spaces_of(listed)
+            return self._listed(listed)
         return self._spaces
 
     async def members(self, space_id: str) -> list[Member]:

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.agent.rating import MAX_NOTES_CHARS, parse_failure_row, parse_ratings
-from runner.mana.auth import AuthClient, Login, personal_space_of
+from runner.mana.auth import AuthClient, Login, personal_space_of, spaces_of
 from runner.mana.errors import ManaError, RetryPolicy, decode_json
 from runner.mana.http import shared_client
 from runner.mana.personas_api import DueLimits, DueList, PersonasApi, parse_due
@@ -184,9 +184,11 @@ def test_mana_auth_answers_are_a_result_or_a_mana_error(
                 assert isinstance(await auth.login("a@b.c", "password-123456"), Login)
             with contextlib.suppress(ManaError):
                 listed = await auth.spaces_by_bearer(Login("u", "token"))
-                assert listed is None or isinstance(personal_space_of(listed), str)
+                assert listed is None or isinstance(personal_space_of(spaces_of(listed)), str)
             with contextlib.suppress(ManaError):
-                assert isinstance(personal_space_of(await auth.spaces_by_cookie("mana.session_token=x")), str)
+                assert isinstance(
+                    personal_space_of(spaces_of(await auth.spaces_by_cookie("mana.session_token=x"))), str
+                )
             with contextlib.suppress(ManaError):
                 assert isinstance(await auth.session_cookie("a@b.c", "password-123456"), str)
             with contextlib.suppress(ManaError):

@@ -413,12 +413,10 @@ def _string_field(answer: Any, key: str, route: str) -> str:
     return value
 
 
-def personal_space_of(spaces: list[Any]) -> str:
+def personal_space_of(spaces: list[SpaceInfo]) -> str:
     for space in spaces:
-        if isinstance(space, dict) and _space_type(space.get("metadata")) == "personal":
-            space_id = space.get("id")
-            if isinstance(space_id, str) and space_id:
-                return space_id  # opaque (Better Auth ids are not UUIDs): taken as it is
+        if space.type == "personal":
+            return space.id  # opaque (Better Auth ids are not UUIDs): taken as it is
     # Writing into a team or family space would put persona noise in front of real people.
     raise PermanentError(f"spaces: no personal space among {len(spaces)}", stage="spaces")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -160,6 +161,27 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # HTTP-date form: fall back to our own backoff
 
 
+@asynccontextmanager
+async def _exchange(
+    client: httpx.AsyncClient, method: str, url: str, *, stage: str, **kwargs: Any
+) -> AsyncIterator[httpx.Response]:
+    """One streamed exchange; what httpx raises becomes the typed error, the one place that maps it.
+
+    A body its own Content-Encoding cannot undo (`gzip` that is not gzip) is a bad answer, never a
+    crash; no answer at all is a transport error.
+    """
+    status = 0
+    try:
+        async with client.stream(method, url, **kwargs) as response:
+            status = response.status_code
+            yield response
+    except httpx.DecodingError as exc:
+        why = "answer could not be decoded (its Content-Encoding does not match)"
+        raise ApiError(status, "BAD_BODY", why, stage=stage) from exc
+    except httpx.TransportError as exc:
+        raise TransportError(f"{stage}: {type(exc).__name__}", stage=stage) from exc
+
+
 async def fetch(
     client: httpx.AsyncClient, method: str, url: str, *, stage: str, max_bytes: int = MAX_BODY_BYTES, **kwargs: Any
 ) -> tuple[httpx.Response, bytes]:
@@ -167,16 +189,9 @@ async def fetch(
 
     At most `max_bytes` of an answer are read: a 500 MB body is refused, never buffered.
     """
-    status = 0
-    try:
-        async with client.stream(method, url, **kwargs) as response:
-            status = response.status_code
-            ok = status < 300
-            raw, whole = await read_bounded(response, max_bytes if ok else MAX_ERROR_BODY_BYTES)
-    except httpx.DecodingError as exc:
-        raise undecodable(status, stage) from exc
-    except httpx.TransportError as exc:
-        raise TransportError(f"{stage}: {type(exc).__name__}", stage=stage) from exc
+    async with _exchange(client, method, url, stage=stage, **kwargs) as response:
+        ok = response.status_code < 300
+        raw, whole = await read_bounded(response, max_bytes if ok else MAX_ERROR_BODY_BYTES)
     if not ok:
         raise error_from_response(response, stage, raw)
     if not whole:
@@ -190,24 +205,11 @@ async def status_only(client: httpx.AsyncClient, method: str, url: str, *, stage
     For answers whose body is of no use or should not be held: a readiness probe's `/due`, the
     master key a vault check answers with.
     """
-    status = 0
-    try:
-        async with client.stream(method, url, **kwargs) as response:
-            status = response.status_code
-            if status >= 300:
-                raw, _ = await read_bounded(response, MAX_ERROR_BODY_BYTES)
-                raise error_from_response(response, stage, raw)
-            return response
-    except httpx.DecodingError as exc:
-        raise undecodable(status, stage) from exc
-    except httpx.TransportError as exc:
-        raise TransportError(f"{stage}: {type(exc).__name__}", stage=stage) from exc
-
-
-def undecodable(status: int, stage: str) -> ApiError:
-    """A body its own Content-Encoding cannot undo (`gzip` that is not gzip): a bad answer, never a crash."""
-    why = "answer could not be decoded (its Content-Encoding does not match)"
-    return ApiError(status, "BAD_BODY", why, stage=stage)
+    async with _exchange(client, method, url, stage=stage, **kwargs) as response:
+        if response.status_code >= 300:
+            raw, _ = await read_bounded(response, MAX_ERROR_BODY_BYTES)
+            raise error_from_response(response, stage, raw)
+    return response
 
 
 def parse_json(raw: bytes, status: int, stage: str) -> Any:

@@ -138,6 +138,11 @@ class Login:
     def __repr__(self) -> str:
         return f"Login(user_id={self.user_id!r}, access_token=<redacted>)"
 
+    @property
+    def bearer(self) -> dict[str, str]:
+        """The headers of a request made with this JWT (the cookie's twin is `AuthClient.with_cookie`)."""
+        return {"Authorization": f"Bearer {self.access_token}"}
+
 
 @dataclass(frozen=True, slots=True)
 class Space:
@@ -234,7 +239,7 @@ class AuthClient:
         if self.bearer_accepted is False:  # learnt while this tick queued for the probe
             return None
         try:
-            spaces = await self._spaces({"Authorization": f"Bearer {login.access_token}"})
+            spaces = await self._spaces(login.bearer)
         except ApiError as exc:
             # A JWT minted a moment ago and refused: the route does not take Bearer at all.
             if exc.status != 401 or self.bearer_accepted:
@@ -330,11 +335,10 @@ class AuthClient:
     async def vault_exists(self, login: Login) -> bool:
         """Whether the persona has an encryption vault (contract §9); its key's answer is never read."""
         url = f"{self._base}{VAULT_PATH}/key"
-        headers = {"Authorization": f"Bearer {login.access_token}"}
 
         async def attempt() -> bool:
             try:
-                await status_only(self._client, "GET", url, stage="vault", headers=headers)
+                await status_only(self._client, "GET", url, stage="vault", headers=login.bearer)
             except ApiError as exc:
                 if exc.status == 404 and exc.code == VAULT_MISSING:
                     return False
@@ -346,11 +350,10 @@ class AuthClient:
     async def init_vault(self, login: Login) -> None:
         """Create the vault as Mana's web app does at a first login (idempotent on Mana's side)."""
         url = f"{self._base}{VAULT_PATH}/init"
-        headers = {"Authorization": f"Bearer {login.access_token}"}
 
         async def attempt() -> None:
             # Only the status: the answer is the master key, which the runner has no use for.
-            await status_only(self._client, "POST", url, stage="vault", headers=headers)
+            await status_only(self._client, "POST", url, stage="vault", headers=login.bearer)
 
         await self._policy.run(attempt)
 
